@@ -1,0 +1,1 @@
+//! qcow2 reader (QEMU docs/interop/qcow2.rst).
