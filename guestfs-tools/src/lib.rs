@@ -8,9 +8,11 @@
 
 pub mod block;
 pub mod containerize;
+pub mod convert;
 pub mod error;
 pub mod ext4;
 pub mod guest;
+pub mod inspect;
 pub mod oci;
 pub mod part;
 pub mod tarout;
