@@ -3,12 +3,20 @@
 //! Format drivers (raw, qcow2) implement [`BlockDevice`]; [`open_image`] detects the format
 //! from the file's magic and follows qcow2 backing chains under the [`OpenOptions`] policy.
 
-use crate::Result;
-use std::path::PathBuf;
+use crate::{Error, Result};
+use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 
+pub mod mem;
 pub mod qcow2;
 pub mod raw;
+
+pub use mem::MemDevice;
+pub use qcow2::Qcow2;
+pub use raw::RawImage;
+
+/// Longest backing chain below the top image.
+pub const MAX_BACKING_DEPTH: usize = 16;
 
 /// A read-only random-access disk. `read_at` must fill `buf` completely; reads past
 /// `size()` are an error. Implementations are shareable across threads.
@@ -98,9 +106,139 @@ impl BlockDevice for Slice {
 }
 
 /// Opens a disk image, probing its format unless `opts.format` says otherwise.
-pub fn open_image(path: &std::path::Path, opts: &OpenOptions) -> Result<Device> {
-    let _ = (path, opts);
-    Err(crate::Error::Unsupported(
-        "block layer not built yet".into(),
-    ))
+///
+/// qcow2 backing files are followed when they resolve (after symlinks) inside the top
+/// image's directory or one of `opts.allow_backing_dirs`; loops and chains deeper than
+/// [`MAX_BACKING_DEPTH`] are refused.
+pub fn open_image(path: &Path, opts: &OpenOptions) -> Result<Device> {
+    let mut ctx = ChainCtx::new(path, opts);
+    open_layer(path, opts.format.as_deref(), &mut ctx)
+}
+
+/// Reads the first bytes and says which format they look like.
+pub fn probe(dev: &dyn BlockDevice) -> Result<&'static str> {
+    let mut magic = [0u8; 4];
+    if dev.size() >= 4 {
+        dev.read_at(&mut magic, 0)?;
+        if magic == qcow2::MAGIC {
+            return Ok("qcow2");
+        }
+    }
+    Ok("raw")
+}
+
+pub(crate) fn open_layer(path: &Path, format: Option<&str>, ctx: &mut ChainCtx) -> Result<Device> {
+    let canon = path.canonicalize().map_err(|e| Error::io(path, e))?;
+    if ctx.seen.contains(&canon) {
+        return Err(Error::Refused(format!(
+            "backing chain loop: {} appears twice",
+            canon.display()
+        )));
+    }
+    if ctx.seen.len() > MAX_BACKING_DEPTH {
+        return Err(Error::Limit(format!(
+            "backing chain deeper than {MAX_BACKING_DEPTH} at {}",
+            path.display()
+        )));
+    }
+    ctx.seen.push(canon);
+    let raw: Device = Arc::new(RawImage::open(path)?);
+    let fmt = match format {
+        Some("raw") => "raw",
+        Some("qcow2") => "qcow2",
+        Some(other) => return Err(Error::Unsupported(format!("image format {other:?}"))),
+        None => probe(raw.as_ref())?,
+    };
+    tracing::debug!(path = %path.display(), format = fmt, "opening image");
+    if fmt == "qcow2" {
+        Ok(Arc::new(Qcow2::open_in_chain(raw, path, ctx)?))
+    } else {
+        Ok(raw)
+    }
+}
+
+/// Removes `.` and `..` without touching the filesystem.
+fn normalize(p: &Path) -> PathBuf {
+    let mut out = PathBuf::new();
+    for c in p.components() {
+        match c {
+            Component::ParentDir => {
+                out.pop();
+            }
+            Component::CurDir => {}
+            other => out.push(other),
+        }
+    }
+    out
+}
+
+fn absolute(p: &Path) -> PathBuf {
+    std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
+}
+
+/// State while following one backing chain: where backing files may live, and which
+/// files have been opened (loop detection).
+pub(crate) struct ChainCtx {
+    lexical_roots: Vec<PathBuf>,
+    canonical_roots: Vec<PathBuf>,
+    pub(crate) seen: Vec<PathBuf>,
+}
+
+impl ChainCtx {
+    pub(crate) fn new(top: &Path, opts: &OpenOptions) -> ChainCtx {
+        let top_dir = absolute(top)
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("/"));
+        let dirs: Vec<PathBuf> = std::iter::once(top_dir)
+            .chain(opts.allow_backing_dirs.iter().map(|d| absolute(d)))
+            .collect();
+        ChainCtx {
+            lexical_roots: dirs.iter().map(|d| normalize(d)).collect(),
+            canonical_roots: dirs.iter().filter_map(|d| d.canonicalize().ok()).collect(),
+            seen: Vec::new(),
+        }
+    }
+
+    /// Turns a backing file name found in `overlay` into a path we agree to open.
+    pub(crate) fn resolve_backing(&self, overlay: &Path, name: &str) -> Result<PathBuf> {
+        if name.is_empty() || name.contains('\0') {
+            return Err(Error::corrupt(
+                format!("qcow2 backing file name {name:?} invalid"),
+                0,
+            ));
+        }
+        if name.starts_with("json:") || name.contains("://") {
+            return Err(Error::Refused(format!(
+                "backing file {name:?} uses a QEMU protocol, only plain files are allowed"
+            )));
+        }
+        let base = absolute(overlay)
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("/"));
+        let joined = if Path::new(name).is_absolute() {
+            PathBuf::from(name)
+        } else {
+            base.join(name)
+        };
+        let lex = normalize(&joined);
+        let inside = |p: &Path, roots: &[PathBuf]| roots.iter().any(|r| p.starts_with(r));
+        if !inside(&lex, &self.lexical_roots) && !inside(&lex, &self.canonical_roots) {
+            return Err(Error::Refused(format!(
+                "backing file {name:?} of {} resolves to {} outside the allowed directories",
+                overlay.display(),
+                lex.display()
+            )));
+        }
+        let canon = joined.canonicalize().map_err(|e| Error::io(&joined, e))?;
+        if !inside(&canon, &self.canonical_roots) {
+            return Err(Error::Refused(format!(
+                "backing file {name:?} of {} resolves through a symlink to {} outside the allowed directories",
+                overlay.display(),
+                canon.display()
+            )));
+        }
+        Ok(canon)
+    }
 }
