@@ -27,7 +27,7 @@ fn delete(g: &Guest, cs: &mut ChangeSet, abs: &[u8]) -> Result<bool> {
     let Some(canon) = g.canonical_parent(abs)? else {
         return Ok(false);
     };
-    if g.resolve(&canon, false)?.is_none() {
+    if g.resolve(&canon, false)?.is_none() || cs.changes.get(&canon) == Some(&Change::Delete) {
         return Ok(false);
     }
     cs.set(canon, Change::Delete);
