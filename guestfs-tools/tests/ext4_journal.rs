@@ -112,7 +112,8 @@ fn replay_ext4_csum_v2_32bit() {
 /// Whole-disk image from the fixture cache, if the fixture script has been run.
 #[test]
 fn fixture_dirty_journal() {
-    let Ok(dirs) = fs::read_dir("/var/cache/fatbox-fixtures") else {
+    let root = std::env::var("FATBOX_FIXTURES").unwrap_or("/var/cache/fatbox-fixtures".into());
+    let Ok(dirs) = fs::read_dir(&root) else {
         eprintln!("NOTICE: no fixture cache, skipping");
         return;
     };
@@ -127,23 +128,34 @@ fn fixture_dirty_journal() {
         let exp: serde_json::Value =
             serde_json::from_slice(&fs::read(&json).expect("json")).expect("parse json");
         eprintln!("fixture {raw:?}: expectations {exp}");
+        let str_of = |k: &str| {
+            exp.get(k)
+                .and_then(|v| v.as_str())
+                .unwrap_or("")
+                .to_string()
+        };
         let before = sha256_file(&raw);
-        // The expectations file tells where the filesystem starts (whole-disk images).
-        let offset = exp.get("offset").and_then(|v| v.as_u64()).unwrap_or(0);
-        let file = guestfs_tools::ext4::FileDevice::open(&raw).expect("open");
-        let size = guestfs_tools::block::BlockDevice::size(&file);
-        let dev: guestfs_tools::block::Device = std::sync::Arc::new(
-            guestfs_tools::block::Slice::new(std::sync::Arc::new(file), offset, size - offset)
-                .expect("slice"),
-        );
-        let fs_ = guestfs_tools::ext4::Ext4::open(dev).expect("open fixture");
+        let fs_ = open(&raw);
         eprintln!("{:?}", fs_.info());
-        if let Some(files) = exp.get("files").and_then(|v| v.as_object()) {
+        assert_eq!(fs_.info().uuid, str_of("fs_uuid"));
+        assert!(fs_.info().journal_replayed >= 1);
+        if let Some(bs) = exp.get("block_size").and_then(|v| v.as_u64()) {
+            assert_eq!(u64::from(fs_.info().block_size), bs);
+        }
+        let data = read_file(&fs_, &format!("/{}", str_of("path")));
+        if let Some(size) = exp.get("size").and_then(|v| v.as_u64()) {
+            assert_eq!(data.len() as u64, size);
+        }
+        assert_eq!(sha256(&data), str_of("sha256_after_replay"));
+        assert_ne!(sha256(&data), str_of("sha256_without_replay"));
+        if let Some(files) = exp.get("other_files").and_then(|v| v.as_object()) {
             for (path, want) in files {
-                let got = read_file(&fs_, path);
-                if let Some(h) = want.as_str() {
-                    assert_eq!(sha256(&got), h, "{path}");
-                }
+                let got = read_file(&fs_, &format!("/{path}"));
+                assert_eq!(
+                    Some(String::from_utf8_lossy(&got).as_ref()),
+                    want.as_str(),
+                    "{path}"
+                );
             }
         }
         assert_eq!(sha256_file(&raw), before);
