@@ -400,3 +400,32 @@ fn ext4_meta_bg_no_flex() {
         &["-b", "1024", "-O", "meta_bg,^resize_inode,^flex_bg"],
     );
 }
+
+/// A 3000-byte xattr on a 1 KiB-block filesystem with ea_inode lives in its own inode.
+#[test]
+fn ea_inode_values() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let src = tmp.path().join("src");
+    fs::create_dir(&src).expect("mkdir");
+    let f = src.join("f");
+    write(&f, b"x");
+    let val = random_bytes(3000, 77);
+    let arg = format!("0x{}", hex::encode(&val));
+    sh(
+        "setfattr",
+        &["-n", "user.huge", "-v", &arg, f.to_str().unwrap_or("")],
+    );
+    let img = tmp.path().join("fs.img");
+    mkfs("ext4", &["-b", "1024", "-O", "ea_inode"], &src, &img, 16);
+    let fs_ = open(&img);
+    let inode = fs_
+        .inode(fs_.lookup(b"/f").expect("l").expect("f"))
+        .expect("inode");
+    let x = fs_.xattrs(&inode).expect("xattrs");
+    assert_eq!(x, vec![("user.huge".to_string(), val)]);
+    let ea_inodes = (1..=fs_.info().inodes)
+        .filter_map(|i| fs_.inode(i).ok())
+        .filter(|i| i.flags & 0x20_0000 != 0)
+        .count();
+    assert_eq!(ea_inodes, 1, "value should be stored in an EA inode");
+}
