@@ -80,7 +80,11 @@ struct Txn {
     revokes: Vec<u64>,
 }
 
-pub(crate) fn replay(fs: &Ext4) -> Result<(BTreeMap<u64, Arc<[u8]>>, u32)> {
+/// Filesystem block → replayed contents.
+pub(crate) type Overlay = BTreeMap<u64, Arc<[u8]>>;
+
+/// Returns the overlay and the number of committed transactions replayed.
+pub(crate) fn replay(fs: &Ext4) -> Result<(Overlay, u32)> {
     let jino = fs.sb.journal_inum;
     if jino == 0 {
         return Err(Error::Unsupported(format!(
@@ -249,7 +253,7 @@ pub(crate) fn replay(fs: &Ext4) -> Result<(BTreeMap<u64, Arc<[u8]>>, u32)> {
             *e = t.seq;
         }
     }
-    let mut overlay: BTreeMap<u64, Arc<[u8]>> = BTreeMap::new();
+    let mut overlay: Overlay = BTreeMap::new();
     let mut bytes = 0u64;
     for t in &committed {
         for &(fsblk, jblk, escaped) in &t.tags {

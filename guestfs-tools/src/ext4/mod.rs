@@ -145,7 +145,7 @@ pub struct Ext4 {
     sb: Superblock,
     info: FsInfo,
     /// Journal replay result: filesystem block → its committed contents.
-    overlay: BTreeMap<u64, Arc<[u8]>>,
+    overlay: journal::Overlay,
     cache: Mutex<BlockCache>,
 }
 
