@@ -93,7 +93,12 @@ fn cat_and_ls_agree_with_the_source_tree() {
     let rootfs = fixtures().join("rootfs");
     for img in ["v3.qcow2", "mbr.raw"] {
         let image = fixtures().join(img);
-        let out = run_ok(Command::new(bin()).arg("cat").arg(&image).arg("/etc/os-release"));
+        let out = run_ok(
+            Command::new(bin())
+                .arg("cat")
+                .arg(&image)
+                .arg("/etc/os-release"),
+        );
         let want = std::fs::read(rootfs.join("usr/lib/os-release")).expect("os-release");
         assert_eq!(out.stdout, want, "{img}: cat /etc/os-release");
 
@@ -154,7 +159,10 @@ fn inspect_reports_the_guest() {
         .iter()
         .filter_map(|f| f["mountpoint"].as_str())
         .collect();
-    assert!(mounts.contains(&"/") && mounts.contains(&"/boot"), "{mounts:?}");
+    assert!(
+        mounts.contains(&"/") && mounts.contains(&"/boot"),
+        "{mounts:?}"
+    );
 
     let out = run_ok(
         Command::new(bin())
@@ -162,7 +170,11 @@ fn inspect_reports_the_guest() {
             .arg(fixtures().join("chain/top.qcow2")),
     );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("inspect json");
-    assert_eq!(v["chain"].as_array().map(Vec::len), Some(3), "top → mid → base");
+    assert_eq!(
+        v["chain"].as_array().map(Vec::len),
+        Some(3),
+        "top → mid → base"
+    );
 }
 
 /// A systemd-nspawn container, stopped (and killed if need be) on drop.
@@ -208,7 +220,9 @@ fn container_init(ancestor: u32) -> Option<u32> {
             .lines()
             .find(|l| l.starts_with("NSpid:"))
             .unwrap_or("");
-        if !nspid.split_whitespace().last().is_some_and(|p| p == "1") || nspid.split_whitespace().count() < 3 {
+        if !nspid.split_whitespace().last().is_some_and(|p| p == "1")
+            || nspid.split_whitespace().count() < 3
+        {
             continue;
         }
         // Walk up the parents.
@@ -250,12 +264,16 @@ fn containerized_image_boots_with_systemd_to_running() {
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .collect();
     assert!(
-        !boot.iter().any(|n| n.starts_with("vmlinuz") || n.starts_with("initrd")),
+        !boot
+            .iter()
+            .any(|n| n.starts_with("vmlinuz") || n.starts_with("initrd")),
         "kernel left in /boot: {boot:?}"
     );
     assert!(!root.join("usr/lib/modules").exists(), "/lib/modules left");
     assert_eq!(
-        std::fs::metadata(root.join("etc/machine-id")).map(|m| m.len()).ok(),
+        std::fs::metadata(root.join("etc/machine-id"))
+            .map(|m| m.len())
+            .ok(),
         Some(0),
         "machine-id must be empty"
     );
@@ -283,11 +301,7 @@ fn containerized_image_boots_with_systemd_to_running() {
     }
     let fstab = std::fs::read_to_string(root.join("etc/fstab")).expect("fstab");
     assert!(
-        fstab
-            .lines()
-            .filter(|l| l.starts_with("UUID="))
-            .count()
-            == 0,
+        fstab.lines().filter(|l| l.starts_with("UUID=")).count() == 0,
         "block devices left in fstab:\n{fstab}"
     );
 
@@ -295,7 +309,12 @@ fn containerized_image_boots_with_systemd_to_running() {
     let log = std::fs::File::create(tmp.path().join("console.log")).expect("log");
     let machine = format!("fbtest{}", std::process::id());
     let child = Command::new("systemd-nspawn")
-        .args(["--register=no", "--keep-unit", "--private-network", "--quiet"])
+        .args([
+            "--register=no",
+            "--keep-unit",
+            "--private-network",
+            "--quiet",
+        ])
         .args(["--console=passive", "-M", &machine, "-b", "-D"])
         .arg(&root)
         .stdin(Stdio::null())
@@ -312,16 +331,12 @@ fn containerized_image_boots_with_systemd_to_running() {
         assert!(Instant::now() < deadline, "container init never appeared");
         std::thread::sleep(Duration::from_millis(50));
     };
-    let state = run(
-        Command::new("timeout")
-            .args(["120", "nsenter", "-t", &init.to_string(), "-a"])
-            .args(["systemctl", "is-system-running", "--wait"]),
-    );
-    let failed = run(
-        Command::new("nsenter")
-            .args(["-t", &init.to_string(), "-a"])
-            .args(["systemctl", "--failed", "--no-legend", "--plain"]),
-    );
+    let state = run(Command::new("timeout")
+        .args(["120", "nsenter", "-t", &init.to_string(), "-a"])
+        .args(["systemctl", "is-system-running", "--wait"]));
+    let failed = run(Command::new("nsenter")
+        .args(["-t", &init.to_string(), "-a"])
+        .args(["systemctl", "--failed", "--no-legend", "--plain"]));
     let state = String::from_utf8_lossy(&state.stdout).trim().to_string();
     let failed = String::from_utf8_lossy(&failed.stdout).trim().to_string();
     let console = std::fs::read_to_string(tmp.path().join("console.log")).unwrap_or_default();

@@ -75,14 +75,12 @@ pub fn manifest(path: &Path, out: &Path, extra: &[&str]) {
 
 /// Compares two manifests; panics with the differences.
 pub fn compare(a: &Path, b: &Path, extra: &[&str]) {
-    let o = run(
-        Command::new("python3")
-            .arg(manifest_py())
-            .arg("compare")
-            .arg(a)
-            .arg(b)
-            .args(extra),
-    );
+    let o = run(Command::new("python3")
+        .arg(manifest_py())
+        .arg("compare")
+        .arg(a)
+        .arg(b)
+        .args(extra));
     assert!(
         o.status.success(),
         "trees differ ({} vs {}):\n{}{}",
