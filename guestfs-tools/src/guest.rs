@@ -352,6 +352,11 @@ impl Guest {
         }))
     }
 
+    fn is_empty_dir(&self, node: &Node) -> Result<bool> {
+        Ok(node.inode.file_type() == FileType::Directory
+            && self.ext(node.r.fs)?.read_dir(node.r.ino)?.is_empty())
+    }
+
     fn child(&self, dir: &Node, name: &[u8]) -> Result<Option<NodeRef>> {
         let entries = self.ext(dir.r.fs)?.read_dir(dir.r.ino)?;
         Ok(entries
@@ -484,6 +489,10 @@ impl Guest {
         abs.push(b'/');
         abs.extend_from_slice(path);
         for (name, node) in self.list(dir, &abs)? {
+            if dir.r.ino == ROOT_INO && name == b"lost+found" && self.is_empty_dir(&node)? {
+                // mkfs' recovery directory belongs to the filesystem, not to the guest's files.
+                continue;
+            }
             let base = path.len();
             if !path.is_empty() {
                 path.push(b'/');

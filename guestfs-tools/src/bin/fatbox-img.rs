@@ -102,8 +102,18 @@ fn main() {
         .init();
     if let Err(e) = run(cli) {
         // One line: the chain of causes joined.
-        let msg: Vec<String> = e.chain().map(|c| c.to_string()).collect();
-        eprintln!("fatbox-img: error: {}", msg.join(": "));
+        // One line: the chain of causes, each said once (io errors already name their source).
+        let mut msg = String::new();
+        for c in e.chain() {
+            let c = c.to_string();
+            if !msg.contains(&c) {
+                if !msg.is_empty() {
+                    msg.push_str(": ");
+                }
+                msg.push_str(&c);
+            }
+        }
+        eprintln!("fatbox-img: error: {msg}");
         std::process::exit(1);
     }
 }
@@ -113,7 +123,7 @@ fn open(cli: &Cli, image: &Path) -> Result<Guest> {
         allow_backing_dirs: cli.allow_backing_dir.clone(),
         format: cli.format.clone(),
     };
-    Guest::open(image, &opts).with_context(|| image.display().to_string())
+    Guest::open(image, &opts).with_context(|| format!("opening {}", image.display()))
 }
 
 fn print_json<T: serde::Serialize>(v: &T) -> Result<()> {
