@@ -35,7 +35,7 @@ impl Default for ConvertOptions {
         ConvertOptions {
             name: "latest".into(),
             compression: Compression::Zstd,
-            level: 3,
+            level: 1,
             threads: 2,
             containerize: true,
             ops: Selection::default(),

@@ -56,8 +56,8 @@ enum Cmd {
         /// Layer compression: zstd or gzip.
         #[arg(long, default_value = "zstd")]
         compression: String,
-        /// Compression level (zstd 1-19, gzip 1-9).
-        #[arg(long, default_value_t = 3)]
+        /// Compression level (zstd -7..19, gzip 1-9). 1 keeps zstd near disk speed on small hosts.
+        #[arg(long, default_value_t = 1)]
         level: i32,
         /// Compression threads.
         #[arg(long, default_value_t = 2)]

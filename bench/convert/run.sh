@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# Convert benchmark (issue 2): a qcow2 VM disk holding >= 1 GiB of real files, converted by
+#   1. fatbox-img convert            (disk → OCI image, tar+zstd layers)
+#   2. qemu-img convert -O raw       (the block-layer floor: no filesystem work, no compression)
+#   3. qemu-img convert + loop mount + tar | zstd   (what a script would do; needs a kernel mount)
+# in the same run, warm page cache, each run REPS times (median). Prints a markdown table and
+# writes it to bench/out/convert.md. Usage: bench/convert/run.sh [--quick]
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+REPS=3; [ "${1:-}" = "--quick" ] && REPS=1
+OUT=bench/out; mkdir -p "$OUT"
+WORK=$(mktemp -d /var/tmp/fatbox-bench-convert.XXXXXX)
+LOOP=""; MNT="$WORK/mnt"
+cleanup() {
+  mountpoint -q "$MNT" 2>/dev/null && umount "$MNT"
+  [ -n "$LOOP" ] && losetup -d "$LOOP" 2>/dev/null
+  rm -rf --one-file-system "$WORK"
+}
+trap cleanup EXIT
+cargo build --release -q -p guestfs-tools --bin fatbox-img
+IMG=$PWD/target/release/fatbox-img
+FIX=$(bash tests/fixtures/build-guest-images.sh | tail -n 1)
+
+# A guest tree of >= 1 GiB of real files: the fixture's Debian tree plus real binaries and
+# libraries copied from this machine (compressible like real software, unlike random data).
+echo "building the benchmark disk..." >&2
+cp -a "$FIX/rootfs" "$WORK/tree"
+mkdir -p "$WORK/tree/opt/payload"
+for d in /usr/lib/x86_64-linux-gnu /usr/share /usr/bin /usr/lib/jvm /usr/lib/gcc; do
+  [ -d "$d" ] && cp -a "$d" "$WORK/tree/opt/payload/$(echo "$d" | tr / _)" 2>/dev/null || true
+  [ "$(du -sm "$WORK/tree" | cut -f1)" -ge 1300 ] && break
+done
+DATA_MIB=$(du -sm --apparent-size "$WORK/tree" | cut -f1)
+SIZE_MIB=$(( DATA_MIB * 3 / 2 + 256 ))
+truncate -s "${SIZE_MIB}M" "$WORK/root.img"
+mkfs.ext4 -q -d "$WORK/tree" "$WORK/root.img"
+rm -rf --one-file-system "$WORK/tree"
+qemu-img convert -O qcow2 "$WORK/root.img" "$WORK/disk.qcow2"
+rm -f "$WORK/root.img"
+echo "disk: $(qemu-img info --output=json "$WORK/disk.qcow2" | python3 -c 'import json,sys;d=json.load(sys.stdin);print(d["virtual-size"]>>20,"MiB virtual,",d["actual-size"]>>20,"MiB allocated")'), ${DATA_MIB} MiB of files" >&2
+
+# Runs a command, prints "seconds maxrss_kib" (children's peak RSS).
+measure() {
+  python3 - "$@" <<'PY'
+import resource, subprocess, sys, time
+t = time.monotonic()
+subprocess.run(sys.argv[1:], check=True, stdout=subprocess.DEVNULL)
+dt = time.monotonic() - t
+print(f"{dt:.3f} {resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}")
+PY
+}
+median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+
+cat "$WORK/disk.qcow2" > /dev/null   # warm the page cache
+ours=(); raw=(); loop=(); rss_ours=0; rss_raw=0; rss_loop=0
+for _ in $(seq "$REPS"); do
+  rm -rf "$WORK/oci"
+  read -r t r < <(measure "$IMG" convert --no-source-digest "$WORK/disk.qcow2" "$WORK/oci"); ours+=("$t"); rss_ours=$r
+  rm -f "$WORK/out.raw"
+  read -r t r < <(measure qemu-img convert -O raw "$WORK/disk.qcow2" "$WORK/out.raw"); raw+=("$t"); rss_raw=$r
+  rm -f "$WORK/out.raw" "$WORK/loop.tar.zst"
+  cat > "$WORK/loop.sh" <<SH
+set -e
+qemu-img convert -O raw "$WORK/disk.qcow2" "$WORK/out.raw"
+L=\$(losetup -f --show -r "$WORK/out.raw"); echo "\$L" > "$WORK/loopdev"
+mkdir -p "$MNT"; mount -o ro "\$L" "$MNT"
+tar --xattrs --xattrs-include='*' --numeric-owner -C "$MNT" -cf - . | zstd -q -3 -T2 > "$WORK/loop.tar.zst"
+umount "$MNT"; losetup -d "\$L"
+SH
+  read -r t r < <(measure bash "$WORK/loop.sh"); loop+=("$t"); rss_loop=$r
+  rm -f "$WORK/out.raw"
+done
+t_ours=$(printf '%s\n' "${ours[@]}" | median)
+t_raw=$(printf '%s\n' "${raw[@]}" | median)
+t_loop=$(printf '%s\n' "${loop[@]}" | median)
+base_tar=$(python3 -c "import json;m=json.load(open('$WORK/oci/index.json'));print('ok')" >/dev/null; du -sm "$WORK/oci/blobs" | cut -f1)
+row() { python3 -c "
+t=$2; print(f'| $1 | {t:.2f} s | {$DATA_MIB/t:.0f} MiB/s | {$3/1024:.0f} MiB | {t/$t_raw:.2f}× |')"; }
+{
+  echo "### Convert: qcow2 with ${DATA_MIB} MiB of files ($(nproc) cores, $(uname -r), median of $REPS)"
+  echo
+  echo "| path | time | files MiB/s | peak RSS | vs qemu-img raw |"
+  echo "|---|---|---|---|---|"
+  row "fatbox-img convert (OCI, tar+zstd, 2 layers)" "$t_ours" "$rss_ours"
+  row "qemu-img convert -O raw (block floor)" "$t_raw" "$rss_raw"
+  row "qemu-img raw + loop mount + tar + zstd" "$t_loop" "$rss_loop"
+  echo
+  echo "OCI blobs written: ${base_tar} MiB. Goal: ≤ 1.5× qemu-img raw, faster than the loop-mount path, RSS < 200 MiB."
+} | tee "$OUT/convert.md"
