@@ -87,9 +87,25 @@ impl NetnsRef {
         }
     }
 
+    /// Opens the namespace, refusing the driver's own: `eth<N>` must never be created (or a
+    /// name clash resolved) among the host's devices.
     fn open(&self) -> Result<File> {
+        use std::os::unix::fs::MetadataExt;
         let path = self.path();
-        File::open(&path).map_err(|source| Error::Netns { path, source })
+        let err = |path: PathBuf, source| Error::Netns { path, source };
+        let f = File::open(&path).map_err(|e| err(path.clone(), e))?;
+        let own = std::fs::metadata("/proc/self/ns/net").map_err(|e| err(path.clone(), e))?;
+        let md = f.metadata().map_err(|e| err(path.clone(), e))?;
+        if md.dev() == own.dev() && md.ino() == own.ino() {
+            return Err(err(
+                path,
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    "is the host's own network namespace",
+                ),
+            ));
+        }
+        Ok(f)
     }
 }
 

@@ -1,6 +1,10 @@
 //! veth handling over rtnetlink: one RTM_NEWLINK creates both ends, with the peer already in
 //! the instance's netns under its final name, MAC and MTU, so there is no window in which a
-//! half-configured device is visible inside the container.
+//! half-configured device is visible inside the container. The container end is left
+//! administratively down, as a fresh VM NIC is: the guest's network configuration brings it up
+//! (the kernel here also refuses IFF_UP on a peer created in another netns with ENOTCONN).
+//!
+//! Host devices are never moved or renamed; only veths are ever deleted.
 
 use std::os::fd::AsRawFd;
 
@@ -49,8 +53,7 @@ pub(crate) async fn create_veth(h: &Handle, r: &VethRequest<'_>, port_id: &str) 
     let mut peer = LinkMessageBuilder::<LinkUnspec>::new()
         .name(r.peer_name.to_string())
         .address(r.peer_mac.to_vec())
-        .setns_by_fd(r.netns.as_raw_fd())
-        .up();
+        .setns_by_fd(r.netns.as_raw_fd());
     let mut host = LinkMessageBuilder::<LinkUnspec>::new_with_info_kind(InfoKind::Veth)
         .name(r.host_name.to_string())
         .alias(r.alias.to_string())
@@ -75,10 +78,17 @@ pub(crate) async fn create_veth(h: &Handle, r: &VethRequest<'_>, port_id: &str) 
     }
 }
 
-/// Deletes a host link by name (its veth peer goes with it). Returns false when it was absent.
+/// Deletes a host veth by name (its peer goes with it). Returns false when it was absent.
+/// Anything that is not a veth is left alone: a name from OVSDB must never take down a NIC.
 pub(crate) async fn delete_link(h: &Handle, name: &str) -> Result<bool> {
-    let msg = LinkUnspec::new_with_name(name).build();
-    match h.link().del_with_message(msg).execute().await {
+    let Some(l) = get_link(h, name).await? else {
+        return Ok(false);
+    };
+    if !l.is_veth {
+        tracing::warn!(link = name, "not a veth; not deleting it");
+        return Ok(false);
+    }
+    match h.link().del(l.index).execute().await {
         Ok(()) => Ok(true),
         Err(e) if errno(&e) == Some(libc::ENODEV) => Ok(false),
         Err(e) => Err(nl_err(format!("delete {name}"), e)),
