@@ -56,7 +56,6 @@ pub(crate) async fn create_veth(h: &Handle, r: &VethRequest<'_>, port_id: &str) 
         .setns_by_fd(r.netns.as_raw_fd());
     let mut host = LinkMessageBuilder::<LinkUnspec>::new_with_info_kind(InfoKind::Veth)
         .name(r.host_name.to_string())
-        .alias(r.alias.to_string())
         .up();
     if let Some(mtu) = r.mtu {
         peer = peer.mtu(mtu);
@@ -66,7 +65,18 @@ pub(crate) async fn create_veth(h: &Handle, r: &VethRequest<'_>, port_id: &str) 
         .set_info_data(InfoData::Veth(InfoVeth::Peer(peer.build())))
         .build();
     match h.link().add(msg).execute().await {
-        Ok(()) => Ok(()),
+        Ok(()) => {
+            // RTM_NEWLINK ignores IFLA_IFALIAS; the alias lets cleanup find a veth whose OVS
+            // row was never written.
+            let set = LinkUnspec::new_with_name(r.host_name)
+                .alias(r.alias.to_string())
+                .build();
+            if let Err(e) = h.link().set(set).execute().await {
+                let _ = delete_link(h, r.host_name).await;
+                return Err(nl_err(format!("set alias on {}", r.host_name), e));
+            }
+            Ok(())
+        }
         Err(e) if errno(&e) == Some(libc::EEXIST) => Err(Error::DuplicatePort {
             port_id: port_id.to_string(),
             reason: format!(
