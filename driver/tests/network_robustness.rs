@@ -190,7 +190,7 @@ async fn ovsdb_restart_during_plug_loop() {
                 .plug(&inst2, &NetnsRef::Path(ns2.path()), i, &nic)
                 .await
             {
-                Ok(_) if i % 2 == 0 => kept.push(nic),
+                Ok(_) if i.is_multiple_of(2) => kept.push(nic),
                 Ok(v) => {
                     if let Err(e) = net2.unplug(&inst2, &v.port_id).await {
                         failures.push(format!("unplug: {e}"));

@@ -76,6 +76,12 @@ impl Root {
         self.open_in(rel, OFlags::PATH).is_ok()
     }
 
+    /// Whether the name exists, even as a symlink whose target does not (an enablement link
+    /// in `*.wants/` may point at a unit under a path only valid after merged-/usr).
+    fn exists_nofollow(&self, rel: &str) -> bool {
+        self.open_in(rel, OFlags::PATH | OFlags::NOFOLLOW).is_ok()
+    }
+
     /// Opens (creating as needed) a directory inside the root.
     fn dir(&self, rel: &str) -> Result<OwnedFd> {
         let mut cur = String::new();
@@ -160,10 +166,13 @@ fn detect(root: &Root) -> Option<GuestNetworkConfig> {
     ]) {
         return Some(GuestNetworkConfig::Netplan);
     }
-    if any(&[
+    if [
         "etc/systemd/system/multi-user.target.wants/systemd-networkd.service",
         "etc/systemd/system/sockets.target.wants/systemd-networkd.socket",
-    ]) {
+    ]
+    .iter()
+    .any(|p| root.exists_nofollow(p))
+    {
         return Some(GuestNetworkConfig::Networkd { enable: false });
     }
     if any(&["sbin/ifup", "usr/sbin/ifup"]) {
