@@ -295,3 +295,38 @@ async fn cleanup_after_netns_gone_and_crash_leftovers() {
     // Unplug of something already gone is fine.
     net.unplug(&inst, &c.port_id).await.expect("unplug gone");
 }
+
+struct DelLink(String);
+impl Drop for DelLink {
+    fn drop(&mut self) {
+        let _ = ovs_harness::run("ip", &["link", "del", &self.0]);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn standalone_bridge_and_trunk_uplink_from_config() {
+    let ovs = Ovs::start();
+    let up = format!("fbu{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    run_ok("ip", &["link", "add", &up, "type", "veth", "peer", "name", &format!("{up}p")]);
+    let _guard = DelLink(up.clone());
+    let br = format!("fbs{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let _br_guard = DelLink(br.clone());
+    let mut cfg = ovs.config();
+    cfg.integration_bridge = br.clone();
+    cfg.create_bridge = true;
+    cfg.datapath_type = "netdev".into();
+    cfg.uplink = Some(up.clone());
+    let net = Network::connect(&cfg).await.expect("connect");
+    // Connecting again is idempotent.
+    drop(Network::connect(&cfg).await.expect("reconnect"));
+    assert_eq!(ovs.get("Bridge", &br, "datapath_type"), "netdev");
+    assert_eq!(ovs.vsctl(&["list-ports", &br]).trim(), up);
+    assert_eq!(ovs.get("Port", &up, "tag"), "[]");
+    let ns = Netns::new();
+    let nic = parse_nic("vlan=42,ip=10.80.0.5/24").expect("parse");
+    let inst = uuid::Uuid::new_v4().to_string();
+    net.plug(&inst, &NetnsRef::Path(ns.path()), 0, &nic).await.expect("plug");
+    assert_eq!(ovs.get("Port", &nic.tap_name(), "tag"), "42");
+    net.cleanup_instance(&inst).await.expect("cleanup");
+    ovs.vsctl(&["del-br", &br]);
+}
