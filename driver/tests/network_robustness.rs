@@ -307,7 +307,19 @@ impl Drop for DelLink {
 async fn standalone_bridge_and_trunk_uplink_from_config() {
     let ovs = Ovs::start();
     let up = format!("fbu{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
-    run_ok("ip", &["link", "add", &up, "type", "veth", "peer", "name", &format!("{up}p")]);
+    run_ok(
+        "ip",
+        &[
+            "link",
+            "add",
+            &up,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &format!("{up}p"),
+        ],
+    );
     let _guard = DelLink(up.clone());
     let br = format!("fbs{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
     let _br_guard = DelLink(br.clone());
@@ -325,7 +337,9 @@ async fn standalone_bridge_and_trunk_uplink_from_config() {
     let ns = Netns::new();
     let nic = parse_nic("vlan=42,ip=10.80.0.5/24").expect("parse");
     let inst = uuid::Uuid::new_v4().to_string();
-    net.plug(&inst, &NetnsRef::Path(ns.path()), 0, &nic).await.expect("plug");
+    net.plug(&inst, &NetnsRef::Path(ns.path()), 0, &nic)
+        .await
+        .expect("plug");
     assert_eq!(ovs.get("Port", &nic.tap_name(), "tag"), "42");
     net.cleanup_instance(&inst).await.expect("cleanup");
     ovs.vsctl(&["del-br", &br]);

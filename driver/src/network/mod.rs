@@ -412,9 +412,22 @@ impl Network {
                 if let Err(e2) = netlink::delete_link(&self.nl, &vif.tap).await {
                     warn!(port = %vif.tap, error = %e2, "rollback: veth not deleted");
                 }
-                // The transaction may have committed before the connection dropped.
-                if let Err(e2) = ovs::delete_port_by_name(&self.ovsdb, &vif.tap).await {
-                    debug!(port = %vif.tap, error = %e2, "rollback: OVS port not checked");
+                // The transaction may have committed before the connection dropped; remove
+                // the port only if it is ours (a concurrent plug may own the name).
+                match ovs::snapshot(&self.ovsdb, bridge, &vif.tap, &nic.port_id).await {
+                    Ok(ovs::Snapshot { port: Some(p), .. })
+                        if p.external_ids.get(VM_UUID).map(String::as_str)
+                            == Some(instance_uuid)
+                            && p.external_ids.get(IFACE_ID) == Some(&nic.port_id) =>
+                    {
+                        if let Err(e2) = ovs::delete_port(&self.ovsdb, &p.uuid).await {
+                            warn!(port = %vif.tap, error = %e2, "rollback: OVS port not deleted");
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e2) => {
+                        debug!(port = %vif.tap, error = %e2, "rollback: OVS port not checked")
+                    }
                 }
             }
             return Err(e);
