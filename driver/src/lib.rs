@@ -1,1 +1,2 @@
 //! Placeholder: built by its own issue.
+pub mod network;
