@@ -12,7 +12,6 @@
 use std::io::{IoSlice, IoSliceMut};
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -277,8 +276,7 @@ fn start_keeper(socket: &Path, fuse: &OwnedFd) -> Result<()> {
         .arg("--socket")
         .arg(socket)
         .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .process_group(0);
+        .stdout(std::process::Stdio::null());
     let mut child = cmd.spawn().map_err(|e| Error::sys("spawn keeper", e))?;
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {

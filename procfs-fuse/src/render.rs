@@ -307,14 +307,10 @@ fn meminfo(cg: &dyn Cgroups, path: &str) -> Result<String> {
 }
 
 fn swaps(cg: &dyn Cgroups, path: &str) -> Result<String> {
-    let text = read_string("/proc/swaps")?;
     let (_, host) = host_meminfo()?;
     let v = mem_view(cg, path, &host)?;
-    let mut out = String::new();
-    out.push_str(text.lines().next().unwrap_or(
-        "Filename\t\t\t\tType\t\tSize\t\tUsed\t\tPriority",
-    ));
-    out.push('\n');
+    // lxcfs' header (narrower than the kernel's), kept for byte equality with it.
+    let mut out = String::from("Filename\t\t\t\tType\t\tSize\tUsed\tPriority\n");
     if v.swap_total_kb > 0 {
         let _ = writeln!(
             out,
@@ -484,10 +480,8 @@ fn diskstats(cg: &dyn Cgroups, path: &str) -> Result<String> {
         let (Ok(ma), Ok(mi)) = (ma.parse::<u32>(), mi.parse::<u32>()) else {
             continue;
         };
-        let Some(s) = io.get(&(ma, mi)) else { continue };
-        if s.reads == 0 && s.writes == 0 {
-            continue;
-        }
+        // Like lxcfs: every host device is listed, with zeros when the cgroup did no I/O.
+        let s = io.get(&(ma, mi)).copied().unwrap_or_default();
         let _ = writeln!(
             out,
             "{ma:>4} {mi:>7} {name} {} 0 {} 0 {} 0 {} 0 0 0 0 0 0 0 0 0 0",
