@@ -75,7 +75,9 @@ pub trait Cgroups: Send + Sync {
 /// Check and canonicalise a cgroup path: absolute, no `.`/`..` components, no NUL.
 pub fn normalize(cg: &str) -> Result<String> {
     if !cg.starts_with('/') || cg.contains('\0') {
-        return Err(Error::Record(format!("cgroup path {cg:?} must be absolute")));
+        return Err(Error::Record(format!(
+            "cgroup path {cg:?} must be absolute"
+        )));
     }
     let mut out = String::new();
     for comp in cg.split('/').filter(|c| !c.is_empty()) {
@@ -264,8 +266,7 @@ impl Cgroups for V1 {
         // v1 limits memory+swap together; the swap share is what memsw allows above memory.
         let mut memsw = None;
         for a in ancestors(cg) {
-            if let Ok(v) = read_u64(&self.ctrl("memory", &a).join("memory.memsw.limit_in_bytes"))
-            {
+            if let Ok(v) = read_u64(&self.ctrl("memory", &a).join("memory.memsw.limit_in_bytes")) {
                 memsw = min_opt(memsw, limit_of(v));
             }
         }
@@ -478,7 +479,10 @@ impl Cgroups for V2 {
         };
         let mut it = s.split_whitespace();
         let q = it.next().and_then(|q| q.parse::<u64>().ok());
-        let p = it.next().and_then(|p| p.parse::<u64>().ok()).unwrap_or(100_000);
+        let p = it
+            .next()
+            .and_then(|p| p.parse::<u64>().ok())
+            .unwrap_or(100_000);
         Ok(match q {
             Some(q) if q > 0 && p > 0 => Some((q, p)),
             _ => None,
@@ -488,8 +492,18 @@ impl Cgroups for V2 {
         // v2 has no per-CPU accounting: spread the totals evenly over the visible CPUs.
         let m = kv(&join(&self.root, cg).join("cpu.stat"))?;
         let n = u64::try_from(cpus.len().max(1)).unwrap_or(1);
-        let u = m.get("user_usec").copied().unwrap_or(0).saturating_mul(1000) / n;
-        let s = m.get("system_usec").copied().unwrap_or(0).saturating_mul(1000) / n;
+        let u = m
+            .get("user_usec")
+            .copied()
+            .unwrap_or(0)
+            .saturating_mul(1000)
+            / n;
+        let s = m
+            .get("system_usec")
+            .copied()
+            .unwrap_or(0)
+            .saturating_mul(1000)
+            / n;
         Ok(cpus
             .iter()
             .map(|c| {
@@ -577,7 +591,6 @@ impl Hierarchy {
             Hierarchy::V2(v) => v,
         }
     }
-
 }
 
 /// Whether `cg` is `prefix` or below it, component-wise.
@@ -597,7 +610,10 @@ mod tests {
 
     #[test]
     fn cpulist_roundtrip() {
-        assert_eq!(parse_cpulist("0-3,8,10-11\n"), Some(vec![0, 1, 2, 3, 8, 10, 11]));
+        assert_eq!(
+            parse_cpulist("0-3,8,10-11\n"),
+            Some(vec![0, 1, 2, 3, 8, 10, 11])
+        );
         assert_eq!(format_cpulist(&[0, 1, 2, 3, 8, 10, 11]), "0-3,8,10-11");
         assert_eq!(parse_cpulist("3-1"), None);
         assert_eq!(parse_cpulist("0-999999999"), None);

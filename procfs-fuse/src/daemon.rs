@@ -42,6 +42,10 @@ pub struct ServeOptions {
     pub threads: usize,
     /// None disables loadavg virtualisation (host loadavg is served).
     pub loadavg_interval: Option<Duration>,
+    /// Share renders of the same container's file for this long (zero: render every open).
+    pub coalesce: Duration,
+    /// Give every worker thread its own /dev/fuse fd (FUSE_DEV_IOC_CLONE).
+    pub clone_fd: bool,
 }
 
 fn sys(what: &'static str) -> impl FnOnce(nix::Error) -> Error {
@@ -108,11 +112,11 @@ fn mount_fresh(mp: &Path) -> Result<OwnedFd> {
     Ok(fd)
 }
 
-fn fuse_config(threads: usize) -> fuser::Config {
+fn fuse_config(threads: usize, clone_fd: bool) -> fuser::Config {
     let mut c = fuser::Config::default();
     c.acl = fuser::SessionACL::All;
     c.n_threads = Some(threads.max(1));
-    c.clone_fd = true;
+    c.clone_fd = clone_fd;
     c
 }
 
@@ -139,7 +143,11 @@ fn synthetic_init() -> Vec<u8> {
 }
 
 /// Build a session around an already initialised connection.
-fn resume_session(fs: ProcFs, fuse: OwnedFd, threads: usize) -> Result<fuser::Session<ProcFs>> {
+fn resume_session(
+    fs: ProcFs,
+    fuse: OwnedFd,
+    config: fuser::Config,
+) -> Result<fuser::Session<ProcFs>> {
     let (ours, theirs) = socketpair(
         AddressFamily::Unix,
         SockType::SeqPacket,
@@ -148,7 +156,7 @@ fn resume_session(fs: ProcFs, fuse: OwnedFd, threads: usize) -> Result<fuser::Se
     )
     .map_err(sys("socketpair"))?;
     nix::unistd::write(&theirs, &synthetic_init()).map_err(sys("write init"))?;
-    let session = fuser::Session::from_fd(fs, ours, fuser::SessionACL::All, fuse_config(threads))
+    let session = fuser::Session::from_fd(fs, ours, fuser::SessionACL::All, config)
         .map_err(|e| Error::sys("fuse handshake", e))?;
     let slot = session.as_fd().as_raw_fd();
     // Swap the real connection into the fd number fuser reads from.
@@ -176,8 +184,7 @@ fn send_fd(sock: &UnixStream, cmd: u8, fd: Option<RawFd>) -> Result<()> {
     let fds: Vec<RawFd> = fd.into_iter().collect();
     let cmsg = [ControlMessage::ScmRights(&fds)];
     let cm: &[ControlMessage] = if fds.is_empty() { &[] } else { &cmsg };
-    sendmsg::<()>(sock.as_raw_fd(), &iov, cm, MsgFlags::empty(), None)
-        .map_err(sys("sendmsg"))?;
+    sendmsg::<()>(sock.as_raw_fd(), &iov, cm, MsgFlags::empty(), None).map_err(sys("sendmsg"))?;
     Ok(())
 }
 
@@ -306,13 +313,14 @@ pub fn serve(opts: &ServeOptions) -> Result<()> {
     let reg = Arc::new(Registry::new(
         &opts.registry_dir,
         crate::cgroup::Hierarchy::detect(),
+        opts.loadavg_interval.is_some(),
     ));
     let stop = Arc::new(AtomicBool::new(false));
     if let Some(iv) = opts.loadavg_interval {
         crate::loadavg::spawn(reg.clone(), iv, stop.clone())
             .map_err(|e| Error::sys("spawn sampler", e))?;
     }
-    let fs = ProcFs::new(reg);
+    let fs = ProcFs::new(reg, opts.coalesce);
     let resumed = match keeper_request(&opts.keeper_socket, b'G', None) {
         Ok((b'Y', Some(fd))) if is_our_mount(&opts.mountpoint) => Some(fd),
         Ok(_) => {
@@ -325,14 +333,18 @@ pub fn serve(opts: &ServeOptions) -> Result<()> {
     let session = match resumed {
         Some(fd) => {
             tracing::info!(mount = %opts.mountpoint.display(), "resuming connection from keeper");
-            resume_session(fs, fd, opts.threads)?
+            resume_session(fs, fd, fuse_config(opts.threads, opts.clone_fd))?
         }
         None => {
             let fd = mount_fresh(&opts.mountpoint)?;
             let dup = fd.try_clone().map_err(|e| Error::sys("dup", e))?;
-            let session =
-                fuser::Session::from_fd(fs, fd, fuser::SessionACL::All, fuse_config(opts.threads))
-                    .map_err(|e| Error::sys("fuse handshake", e))?;
+            let session = fuser::Session::from_fd(
+                fs,
+                fd,
+                fuser::SessionACL::All,
+                fuse_config(opts.threads, opts.clone_fd),
+            )
+            .map_err(|e| Error::sys("fuse handshake", e))?;
             start_keeper(&opts.keeper_socket, &dup)?;
             tracing::info!(mount = %opts.mountpoint.display(), "mounted");
             session
@@ -351,8 +363,7 @@ pub fn shutdown(mountpoint: &Path, keeper_socket: &Path) -> Result<()> {
         let _ = std::fs::write(format!("/sys/fs/fuse/connections/{minor}/abort"), b"1");
     }
     while is_our_mount(mountpoint) {
-        nix::mount::umount2(mountpoint, nix::mount::MntFlags::MNT_DETACH)
-            .map_err(sys("umount"))?;
+        nix::mount::umount2(mountpoint, nix::mount::MntFlags::MNT_DETACH).map_err(sys("umount"))?;
     }
     Ok(())
 }

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use fuser::{
     AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
@@ -75,9 +75,11 @@ fn attr(ino: u64, n: Node) -> FileAttr {
     }
 }
 
+type Shard = Mutex<HashMap<u64, Arc<Vec<u8>>>>;
+
 /// Per-open snapshots, sharded by handle to keep lock contention low with many threads.
 struct Snapshots {
-    shards: Vec<Mutex<HashMap<u64, Arc<Vec<u8>>>>>,
+    shards: Vec<Shard>,
 }
 
 impl Snapshots {
@@ -86,8 +88,9 @@ impl Snapshots {
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
         }
     }
-    fn shard(&self, fh: u64) -> Option<&Mutex<HashMap<u64, Arc<Vec<u8>>>>> {
-        self.shards.get(usize::try_from(fh % SHARDS as u64).unwrap_or(0))
+    fn shard(&self, fh: u64) -> Option<&Shard> {
+        self.shards
+            .get(usize::try_from(fh % SHARDS as u64).unwrap_or(0))
     }
     fn get(&self, fh: u64) -> Option<Arc<Vec<u8>>> {
         self.shard(fh)?.lock().ok()?.get(&fh).cloned()
@@ -104,15 +107,22 @@ impl Snapshots {
     }
 }
 
+type RenderCache = Mutex<HashMap<(String, FileKind), (Instant, Arc<Vec<u8>>)>>;
+
 /// The filesystem served over FUSE.
 pub struct ProcFs {
     reg: Arc<Registry>,
     next_fh: AtomicU64,
     snaps: Snapshots,
+    /// Renders younger than this are shared between opens of the same container's file;
+    /// cgroup v1 memory.stat alone costs ~200 µs per read, so bursts of readers coalesce.
+    coalesce: Duration,
+    cache: RenderCache,
 }
 
 impl ProcFs {
-    pub fn new(reg: Arc<Registry>) -> Self {
+    /// `coalesce`: see [`ProcFs`]; zero renders on every open.
+    pub fn new(reg: Arc<Registry>, coalesce: Duration) -> Self {
         // Handles of a previous daemon instance may still be open after a restart; start
         // far from them (they are served by rendering afresh, see `read`).
         let seed = SystemTime::now()
@@ -123,13 +133,37 @@ impl ProcFs {
             reg,
             next_fh: AtomicU64::new(seed | 1),
             snaps: Snapshots::new(),
+            coalesce,
+            cache: Mutex::new(HashMap::new()),
         }
     }
 
-    fn render_for(&self, kind: FileKind, pid: u32) -> crate::Result<Vec<u8>> {
-        let entry = self.reg.lookup(pid);
-        let ctx = entry.as_ref().map(|e| e.ctx());
-        render(self.reg.hierarchy(), kind, ctx.as_ref())
+    fn render_for(&self, kind: FileKind, pid: u32) -> crate::Result<Arc<Vec<u8>>> {
+        let Some(entry) = self.reg.lookup(pid) else {
+            return render(self.reg.hierarchy(), kind, None).map(Arc::new);
+        };
+        let key = (entry.record.cgroup.clone(), kind);
+        if !self.coalesce.is_zero() {
+            if let Ok(c) = self.cache.lock() {
+                if let Some((t, d)) = c.get(&key) {
+                    if t.elapsed() < self.coalesce {
+                        return Ok(d.clone());
+                    }
+                }
+            }
+        }
+        let data = Arc::new(render(self.reg.hierarchy(), kind, Some(&entry.ctx()))?);
+        if !self.coalesce.is_zero() {
+            if let Ok(mut c) = self.cache.lock() {
+                // Bounded: drop stale entries when many containers come and go.
+                if c.len() > 4096 {
+                    let ttl = self.coalesce;
+                    c.retain(|_, (t, _)| t.elapsed() < ttl);
+                }
+                c.insert(key, (Instant::now(), data.clone()));
+            }
+        }
+        Ok(data)
     }
 }
 
@@ -183,7 +217,6 @@ impl Filesystem for ProcFs {
             // Offset 0, or a handle we never saw (opened before a restart): render now.
             _ => match self.render_for(kind, req.pid()) {
                 Ok(d) => {
-                    let d = Arc::new(d);
                     self.snaps.put(fh.0, d.clone());
                     d
                 }
@@ -193,7 +226,9 @@ impl Filesystem for ProcFs {
                 }
             },
         };
-        let start = usize::try_from(offset).unwrap_or(usize::MAX).min(snap.len());
+        let start = usize::try_from(offset)
+            .unwrap_or(usize::MAX)
+            .min(snap.len());
         let end = start
             .saturating_add(usize::try_from(size).unwrap_or(0))
             .min(snap.len());

@@ -145,7 +145,7 @@ pub struct Entry {
 }
 
 impl Entry {
-    fn new(record: Record, old: Option<&Entry>) -> Self {
+    fn new(record: Record, old: Option<&Entry>, loadavg: bool) -> Self {
         let started_boot_secs = match record.started_at {
             Some(unix) => {
                 let now_unix = SystemTime::now()
@@ -157,7 +157,9 @@ impl Entry {
         };
         let load = old
             .filter(|o| o.record.cgroup == record.cgroup)
-            .and_then(|o| o.load.lock().ok().and_then(|l| *l));
+            .and_then(|o| o.load.lock().ok().and_then(|l| *l))
+            // Until the first sample a new container shows zero load, not the host's.
+            .or_else(|| loadavg.then(LoadAvg::default));
         Entry {
             record,
             started_boot_secs,
@@ -190,10 +192,12 @@ pub struct Registry {
     hier: Hierarchy,
     snap: RwLock<Snapshot>,
     cache: Mutex<HashMap<u32, CacheVal>>,
+    loadavg: bool,
 }
 
 impl Registry {
-    pub fn new(dir: impl Into<PathBuf>, hier: Hierarchy) -> Self {
+    /// `loadavg`: whether a sampler runs (otherwise the host loadavg is served).
+    pub fn new(dir: impl Into<PathBuf>, hier: Hierarchy, loadavg: bool) -> Self {
         let r = Registry {
             dir: dir.into(),
             hier,
@@ -204,6 +208,7 @@ impl Registry {
                 generation: 0,
             }),
             cache: Mutex::new(HashMap::new()),
+            loadavg,
         };
         r.rescan(true);
         r
@@ -232,9 +237,7 @@ impl Registry {
         if !due {
             return;
         }
-        let mtime = std::fs::metadata(&self.dir)
-            .and_then(|m| m.modified())
-            .ok();
+        let mtime = std::fs::metadata(&self.dir).and_then(|m| m.modified()).ok();
         let Ok(mut s) = self.snap.write() else { return };
         s.checked = Instant::now();
         if !force && mtime == s.mtime {
@@ -256,7 +259,7 @@ impl Registry {
             .into_iter()
             .map(|r| match old.get(&r.id) {
                 Some(o) if o.record == r => o.clone(),
-                o => Arc::new(Entry::new(r, o.map(|a| a.as_ref()))),
+                o => Arc::new(Entry::new(r, o.map(|a| a.as_ref()), self.loadavg)),
             })
             .collect();
         s.mtime = mtime;
@@ -299,9 +302,7 @@ impl Registry {
                 _ => unified.as_ref(),
             };
             let Some(caller) = caller else { continue };
-            if is_under(caller, cg)
-                && best.is_none_or(|b| b.record.cgroup.len() < cg.len())
-            {
+            if is_under(caller, cg) && best.is_none_or(|b| b.record.cgroup.len() < cg.len()) {
                 best = Some(e);
             }
         }

@@ -145,7 +145,7 @@ fn ceil_div(a: u64, b: u64) -> u64 {
     if b == 0 {
         return 0;
     }
-    a / b + u64::from(a % b != 0)
+    a.div_ceil(b)
 }
 
 /// Host CPUs visible to the cgroup: its cpuset, cut to ceil(quota/period) (lowest over the
@@ -287,7 +287,9 @@ fn meminfo(cg: &dyn Cgroups, path: &str) -> Result<String> {
             "AnonPages" => Some(kb(st.rss)),
             "Mapped" => Some(kb(st.mapped_file)),
             "Shmem" => Some(kb(st.shmem)),
-            "Slab" => Some(kb(st.slab_reclaimable.saturating_add(st.slab_unreclaimable))),
+            "Slab" => Some(kb(st
+                .slab_reclaimable
+                .saturating_add(st.slab_unreclaimable))),
             "SReclaimable" => Some(kb(st.slab_reclaimable)),
             "SUnreclaim" => Some(kb(st.slab_unreclaimable)),
             _ => None,
@@ -400,9 +402,9 @@ fn stat(cg: &dyn Cgroups, path: &str) -> Result<String> {
     }
     let mut rows = Vec::with_capacity(cpus.len());
     for c in &cpus {
-        let host_total: u64 = host_rows
-            .get(c)
-            .map_or(0, |r| r.iter().take(8).fold(0u64, |a, v| a.saturating_add(*v)));
+        let host_total: u64 = host_rows.get(c).map_or(0, |r| {
+            r.iter().take(8).fold(0u64, |a, v| a.saturating_add(*v))
+        });
         let u = usage.get(c).copied().unwrap_or_default();
         let user = u.user_ns.saturating_add(extra.user_ns / nvis) / tick_ns;
         let sys = u.system_ns.saturating_add(extra.system_ns / nvis) / tick_ns;
@@ -499,7 +501,6 @@ pub fn host_online() -> Result<Vec<u32>> {
     let p = "/sys/devices/system/cpu/online";
     parse_cpulist(&read_string(p)?).ok_or_else(|| Error::parse(p, "bad cpu list"))
 }
-
 
 #[cfg(test)]
 mod tests {

@@ -56,7 +56,11 @@ fn compare(lx: &Lxcfs, d: &Daemon, case: &Case) -> TResult {
         let total = field(&lm, "MemTotal").ok_or("MemTotal")? as f64;
         // 1% of the value, floored at 1% of MemTotal for near-zero figures.
         let tol = (b * 0.01).max(total * 0.01);
-        assert!((a - b).abs() <= tol, "{}: {k} ours {a} lxcfs {b}", case.name);
+        assert!(
+            (a - b).abs() <= tol,
+            "{}: {k} ours {a} lxcfs {b}",
+            case.name
+        );
     }
     let (os, ls) = read_both("proc/swaps")?;
     assert_eq!(os, ls, "{}: swaps", case.name);
@@ -71,7 +75,11 @@ fn compare(lx: &Lxcfs, d: &Daemon, case: &Case) -> TResult {
         Ok(s.split_whitespace().next().ok_or("empty")?.parse::<f64>()?)
     };
     let (a, b) = (up(&ou)?, up(&lu)?);
-    assert!((a - b).abs() <= 0.2, "{}: uptime ours {a} lxcfs {b}", case.name);
+    assert!(
+        (a - b).abs() <= 0.2,
+        "{}: uptime ours {a} lxcfs {b}",
+        case.name
+    );
     eprintln!(
         "{:<28} MemTotal {:>9} MemFree {:>9}/{:<9} Cached {:>7}/{:<7} cpus {} online {} uptime {a:.2}/{b:.2}",
         case.name,

@@ -213,10 +213,7 @@ fn mounted(mp: &Path, fstype: &str) -> bool {
         .lines()
         .any(|l| {
             let f: Vec<&str> = l.split(' ').collect();
-            let ty = f
-                .iter()
-                .position(|x| *x == "-")
-                .and_then(|i| f.get(i + 1));
+            let ty = f.iter().position(|x| *x == "-").and_then(|i| f.get(i + 1));
             f.get(4) == Some(&mp.as_ref()) && ty == Some(&fstype)
         })
 }
@@ -256,6 +253,8 @@ impl Lxcfs {
 
     pub fn restart(&mut self) -> TResult {
         let mp = self.dir.path().join("mnt");
+        // A killed lxcfs leaves a dead mount behind; detach it like an operator would.
+        lazy_umount_all(&mp, "fuse.lxcfs");
         std::fs::create_dir_all(&mp)?;
         let pidfile = self.dir.path().join("pid");
         let child = Command::new("lxcfs")
@@ -412,6 +411,9 @@ pub fn cpu_rows(stat: &str) -> Vec<String> {
 pub fn processors(cpuinfo: &str) -> usize {
     cpuinfo
         .lines()
-        .filter(|l| l.split_once(':').is_some_and(|(k, _)| k.trim() == "processor"))
+        .filter(|l| {
+            l.split_once(':')
+                .is_some_and(|(k, _)| k.trim() == "processor")
+        })
         .count()
 }
