@@ -226,6 +226,12 @@ pub fn run_keeper(socket: &Path) -> Result<()> {
     let _ = nix::unistd::setsid();
     let _ = std::fs::remove_file(socket);
     let l = UnixListener::bind(socket).map_err(|e| Error::io(socket, e))?;
+    // Whoever can connect can get the fd and answer every container's /proc reads.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))
+            .map_err(|e| Error::io(socket, e))?;
+    }
     let pidfile = pidfile_of(socket);
     std::fs::write(&pidfile, format!("{}\n", std::process::id()))
         .map_err(|e| Error::io(&pidfile, e))?;
