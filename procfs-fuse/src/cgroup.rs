@@ -55,9 +55,10 @@ pub trait Cgroups: Send + Sync {
     /// Current memory usage (including page cache, as the kernel charges it).
     fn mem_usage(&self, cg: &str) -> Result<u64>;
     /// Lowest swap-only limit of `cg` and its ancestors, None when unlimited or unknown.
-    fn swap_limit(&self, cg: &str) -> Result<Option<u64>>;
-    /// Current swap usage.
-    fn swap_usage(&self, cg: &str) -> Result<u64>;
+    /// `mem_limit` is [`Cgroups::mem_limit`] of the same cgroup (v1 derives swap from it).
+    fn swap_limit(&self, cg: &str, mem_limit: Option<u64>) -> Result<Option<u64>>;
+    /// Current swap usage; `mem_usage` is [`Cgroups::mem_usage`] of the same cgroup.
+    fn swap_usage(&self, cg: &str, mem_usage: u64) -> Result<u64>;
     fn mem_stat(&self, cg: &str) -> Result<MemStat>;
     /// Effective cpuset (host CPU numbers, sorted).
     fn cpus(&self, cg: &str) -> Result<Vec<u32>>;
@@ -262,7 +263,7 @@ impl Cgroups for V1 {
         read_u64(&self.ctrl("memory", cg).join("memory.usage_in_bytes"))
     }
 
-    fn swap_limit(&self, cg: &str) -> Result<Option<u64>> {
+    fn swap_limit(&self, cg: &str, mem: Option<u64>) -> Result<Option<u64>> {
         // v1 limits memory+swap together; the swap share is what memsw allows above memory.
         let mut memsw = None;
         for a in ancestors(cg) {
@@ -270,7 +271,6 @@ impl Cgroups for V1 {
                 memsw = min_opt(memsw, limit_of(v));
             }
         }
-        let mem = self.mem_limit(cg)?;
         Ok(match (memsw, mem) {
             (Some(sw), Some(m)) => Some(sw.saturating_sub(m)),
             (Some(sw), None) => Some(sw),
@@ -278,13 +278,13 @@ impl Cgroups for V1 {
         })
     }
 
-    fn swap_usage(&self, cg: &str) -> Result<u64> {
+    fn swap_usage(&self, cg: &str, mem_usage: u64) -> Result<u64> {
         let d = self.ctrl("memory", cg);
         let memsw = match read_u64(&d.join("memory.memsw.usage_in_bytes")) {
             Ok(v) => v,
             Err(_) => return Ok(0),
         };
-        Ok(memsw.saturating_sub(self.mem_usage(cg)?))
+        Ok(memsw.saturating_sub(mem_usage))
     }
 
     fn mem_stat(&self, cg: &str) -> Result<MemStat> {
@@ -439,10 +439,10 @@ impl Cgroups for V2 {
     fn mem_usage(&self, cg: &str) -> Result<u64> {
         read_u64(&join(&self.root, cg).join("memory.current"))
     }
-    fn swap_limit(&self, cg: &str) -> Result<Option<u64>> {
+    fn swap_limit(&self, cg: &str, _mem_limit: Option<u64>) -> Result<Option<u64>> {
         self.min_over(cg, "memory.swap.max")
     }
-    fn swap_usage(&self, cg: &str) -> Result<u64> {
+    fn swap_usage(&self, cg: &str, _mem_usage: u64) -> Result<u64> {
         Ok(read_u64(&join(&self.root, cg).join("memory.swap.current")).unwrap_or(0))
     }
     fn mem_stat(&self, cg: &str) -> Result<MemStat> {

@@ -237,15 +237,20 @@ struct MemView {
 
 fn mem_view(cg: &dyn Cgroups, path: &str, host: &BTreeMap<String, u64>) -> Result<MemView> {
     let host_total = host.get("MemTotal").copied().unwrap_or(0);
-    let total_kb = cg
-        .mem_limit(path)?
-        .map_or(host_total, |l| (l / 1024).min(host_total));
-    let usage_kb = (cg.mem_usage(path)? / 1024).min(total_kb);
+    let limit = cg.mem_limit(path)?;
+    let total_kb = limit.map_or(host_total, |l| (l / 1024).min(host_total));
+    let usage = cg.mem_usage(path)?;
+    let usage_kb = (usage / 1024).min(total_kb);
     let host_swap = host.get("SwapTotal").copied().unwrap_or(0);
-    let swap_total_kb = cg
-        .swap_limit(path)?
-        .map_or(host_swap, |l| (l / 1024).min(host_swap));
-    let swap_used_kb = (cg.swap_usage(path)? / 1024).min(swap_total_kb);
+    // No host swap: nothing to show whatever the limits say, so skip reading them.
+    let (swap_total_kb, swap_used_kb) = if host_swap == 0 {
+        (0, 0)
+    } else {
+        let t = cg
+            .swap_limit(path, limit)?
+            .map_or(host_swap, |l| (l / 1024).min(host_swap));
+        (t, (cg.swap_usage(path, usage)? / 1024).min(t))
+    };
     let st = cg.mem_stat(path)?;
     Ok(MemView {
         total_kb,
