@@ -1,6 +1,6 @@
 //! Partition tables built by sfdisk, checked against `sfdisk --json`.
 
-use guestfs_tools::block::{open_image, BlockDevice, Device, OpenOptions};
+use guestfs_tools::block::{open_image, Device, OpenOptions};
 use guestfs_tools::part::{read_partitions, TableKind};
 use guestfs_tools::Error;
 use std::io::Write;
