@@ -81,9 +81,17 @@ fn fixture_images() -> Vec<PathBuf> {
         if !d.path().join(".complete").exists() {
             continue;
         }
+        // The images, and one level of subdirectories (the backing chain).
         for f in std::fs::read_dir(d.path()).into_iter().flatten().flatten() {
-            if f.path().extension().is_some_and(|e| e == "qcow2") {
-                v.push(f.path());
+            let p = f.path();
+            if p.is_dir() {
+                for g in std::fs::read_dir(&p).into_iter().flatten().flatten() {
+                    if g.path().extension().is_some_and(|e| e == "qcow2") {
+                        v.push(g.path());
+                    }
+                }
+            } else if p.extension().is_some_and(|e| e == "qcow2") {
+                v.push(p);
             }
         }
     }

@@ -292,3 +292,43 @@ fn random_sectors_never_panic() {
         let _ = read_partitions(&dev);
     }
 }
+
+/// The fixture disks (built by the fixture script), when present, against sfdisk.
+#[test]
+fn fixture_disks_match_sfdisk() {
+    let mut found = 0;
+    for d in std::fs::read_dir("/var/cache/fatbox-fixtures")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        if !d.path().join(".complete").exists() {
+            continue;
+        }
+        for f in std::fs::read_dir(d.path()).into_iter().flatten().flatten() {
+            let p = f.path();
+            if p.extension().is_none_or(|e| e != "raw") {
+                continue;
+            }
+            // Whole-disk filesystems have no table for sfdisk to dump.
+            let ok = Command::new("sfdisk")
+                .arg("--json")
+                .arg(&p)
+                .stderr(Stdio::null())
+                .output();
+            if ok.is_ok_and(|o| o.status.success() && !o.stdout.is_empty()) {
+                let t = check_against_sfdisk(&p);
+                eprintln!(
+                    "{}: {:?}, {} partitions match sfdisk",
+                    p.display(),
+                    t.kind,
+                    t.partitions.len()
+                );
+                found += 1;
+            }
+        }
+    }
+    if found == 0 {
+        eprintln!("NOTICE: no fixture disks under /var/cache/fatbox-fixtures, skipping");
+    }
+}
