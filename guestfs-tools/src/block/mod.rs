@@ -101,6 +101,9 @@ impl BlockDevice for Slice {
         self.inner.chain()
     }
     fn is_zero(&self, offset: u64, len: u64) -> bool {
+        if offset.checked_add(len).is_none_or(|e| e > self.len) {
+            return false;
+        }
         self.inner.is_zero(self.start + offset, len)
     }
 }

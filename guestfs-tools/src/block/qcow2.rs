@@ -24,6 +24,7 @@ const L2_CACHE_MAX_TABLES: u64 = 64;
 /// The ext4 reader reads 4 KiB blocks one at a time, so keep the last few inflated clusters.
 const COMPRESSED_CACHE_CLUSTERS: usize = 8;
 const MAX_BACKING_NAME: u32 = 1023;
+const ZSTD_POOL: usize = 4;
 
 const INCOMPAT_DIRTY: u64 = 1 << 0;
 const INCOMPAT_CORRUPT: u64 = 1 << 1;
@@ -86,6 +87,8 @@ pub struct Qcow2 {
     l2_entries: u64,
     l2_cache: Mutex<LruCache<u64, Arc<Vec<u64>>>>,
     zcache: Mutex<LruCache<u64, Arc<Vec<u8>>>>,
+    /// Idle zstd contexts: creating one per cluster costs more than decoding a 64 KiB cluster.
+    zstd_pool: Mutex<Vec<zstd::stream::raw::Decoder<'static>>>,
     backing: Option<Device>,
     backing_name: Option<String>,
 }
@@ -384,6 +387,7 @@ impl Qcow2 {
             zcache: Mutex::new(LruCache::new(
                 NonZeroUsize::new(COMPRESSED_CACHE_CLUSTERS).unwrap_or(NonZeroUsize::MIN),
             )),
+            zstd_pool: Mutex::new(Vec::new()),
             backing,
             backing_name,
         })
@@ -560,7 +564,21 @@ impl Qcow2 {
         let mut out = vec![0u8; self.cluster_size as usize];
         let res = match self.compression {
             Compression::Zlib => inflate_zlib(&src, &mut out),
-            Compression::Zstd => inflate_zstd(&src, &mut out, self.cluster_bits),
+            Compression::Zstd => {
+                let pooled = lock(&self.zstd_pool).pop();
+                let mut dec = match pooled {
+                    Some(d) => d,
+                    None => new_zstd(self.cluster_bits).map_err(|why| {
+                        Error::corrupt(format!("qcow2 compressed cluster: {why}"), coff)
+                    })?,
+                };
+                let r = inflate_zstd(&mut dec, &src, &mut out);
+                let mut pool = lock(&self.zstd_pool);
+                if pool.len() < ZSTD_POOL {
+                    pool.push(dec);
+                }
+                r
+            }
         };
         res.map_err(|why| Error::corrupt(format!("qcow2 compressed cluster: {why}"), coff))?;
         let out = Arc::new(out);
@@ -611,14 +629,25 @@ fn inflate_zlib(src: &[u8], out: &mut [u8]) -> std::result::Result<(), String> {
     Ok(())
 }
 
-/// One zstd frame, exactly one cluster of output; trailing padding after the frame is
-/// ignored, output beyond the cluster is corruption.
-fn inflate_zstd(src: &[u8], out: &mut [u8], cluster_bits: u32) -> std::result::Result<(), String> {
-    use zstd::stream::raw::{DParameter, Decoder, InBuffer, Operation, OutBuffer};
+fn new_zstd(cluster_bits: u32) -> std::result::Result<zstd::stream::raw::Decoder<'static>, String> {
+    use zstd::stream::raw::{DParameter, Decoder};
     let mut dec = Decoder::new().map_err(|e| format!("zstd: {e}"))?;
     // Bound the decoder's window allocation; a cluster never needs more than itself.
     dec.set_parameter(DParameter::WindowLogMax(cluster_bits.max(21) + 1))
         .map_err(|e| format!("zstd: {e}"))?;
+    Ok(dec)
+}
+
+/// One zstd frame, exactly one cluster of output; trailing padding after the frame is
+/// ignored, output beyond the cluster is corruption.
+fn inflate_zstd(
+    dec: &mut zstd::stream::raw::Decoder<'static>,
+    src: &[u8],
+    out: &mut [u8],
+) -> std::result::Result<(), String> {
+    use zstd::stream::raw::{InBuffer, Operation, OutBuffer};
+    // A pooled context may hold the state of a failed frame.
+    dec.reinit().map_err(|e| format!("zstd: {e}"))?;
     let mut input = InBuffer::around(src);
     let out_len = out.len();
     let mut output = OutBuffer::around(out);
