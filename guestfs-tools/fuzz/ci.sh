@@ -4,7 +4,15 @@
 set -eu
 SECONDS_PER_TARGET=${1:-30}
 cd "$(dirname "$0")"
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$(pwd)/target}"
+# Outside the clone so that CI reruns on one machine reuse the (slow) instrumented build.
+export CARGO_TARGET_DIR="${FATBOX_FUZZ_TARGET_DIR:-/var/cache/fatbox-fuzz-target}"
+if ! rustup toolchain list 2>/dev/null | grep -q '^nightly'; then
+    echo "fuzz smoke SKIPPED: no nightly toolchain on this machine (libFuzzer needs it)" >&2
+    exit 0
+fi
+if ! command -v cargo-fuzz >/dev/null 2>&1; then
+    cargo install --locked cargo-fuzz --version 0.13.2
+fi
 cargo +nightly fuzz build -O
 for target in $(cargo +nightly fuzz list); do
     mkdir -p "corpus/$target"
