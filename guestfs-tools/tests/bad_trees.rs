@@ -175,3 +175,50 @@ fn symlinks_out_of_the_guest_stay_symlinks_and_are_resolved_inside() {
     assert_eq!(abs["type"], "l");
     assert_eq!(abs["target"], "/etc/shadow");
 }
+
+/// The layout is a real OCI image: skopeo inspects it, and umoci (which predates zstd layers)
+/// unpacks the gzip flavour.
+#[test]
+fn other_oci_tools_read_the_layout() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let root = guest_dir(tmp.path());
+    std::fs::write(root.join("srv/hello"), "hi\n").expect("write");
+    let img = tmp.path().join("disk.raw");
+    mkfs(&root, &img, "16M");
+    let oci = tmp.path().join("oci");
+    run_ok(
+        Command::new(bin())
+            .args(["convert", "--name", "z"])
+            .arg(&img)
+            .arg(&oci),
+    );
+    run_ok(
+        Command::new(bin())
+            .args(["convert", "--compression", "gzip", "--name", "g"])
+            .arg(&img)
+            .arg(&oci),
+    );
+    for name in ["z", "g"] {
+        let o = run_ok(
+            Command::new("skopeo")
+                .arg("inspect")
+                .arg(format!("oci:{}:{name}", oci.display())),
+        );
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("skopeo json");
+        assert_eq!(v["Layers"].as_array().map(Vec::len), Some(2), "{name}");
+        assert_eq!(v["Os"], "linux");
+    }
+    let bundle = tmp.path().join("bundle");
+    run_ok(
+        Command::new("umoci")
+            .args(["unpack", "--image"])
+            .arg(format!("{}:g", oci.display()))
+            .arg(&bundle),
+    );
+    assert_eq!(
+        std::fs::read_to_string(bundle.join("rootfs/srv/hello"))
+            .ok()
+            .as_deref(),
+        Some("hi\n")
+    );
+}
