@@ -73,10 +73,7 @@ async fn show(State(m): State<Mgr>, Path(id): Path<String>) -> ApiResult<Json<Va
     let inst = m.get(&id)?;
     let mut v = inst.view();
     if let Some(o) = v.as_object_mut() {
-        o.insert(
-            "cgroups".into(),
-            json!(m.cgroups(&inst.uuid).dirs),
-        );
+        o.insert("cgroups".into(), json!(m.cgroups(&inst.uuid).dirs));
     }
     Ok(Json(v))
 }
@@ -94,7 +91,11 @@ async fn create(
     tokio::task::spawn_blocking(move || {
         let t = std::time::Instant::now();
         match m3.build(&uuid) {
-            Ok(_) => tracing::info!(uuid, ms = t.elapsed().as_millis() as u64, "instance running"),
+            Ok(_) => tracing::info!(
+                uuid,
+                ms = t.elapsed().as_millis() as u64,
+                "instance running"
+            ),
             Err(e) => tracing::warn!(uuid, error = %e, "instance build failed"),
         }
     });

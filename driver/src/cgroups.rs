@@ -52,9 +52,7 @@ impl Cgroups {
 
     fn v1(&self, controller: &str) -> Option<&PathBuf> {
         let prefix = Path::new(ROOT).join(controller);
-        self.dirs
-            .iter()
-            .find(|d| self.v1 && d.starts_with(&prefix))
+        self.dirs.iter().find(|d| self.v1 && d.starts_with(&prefix))
     }
 
     /// Creates the cgroups and applies the flavor's limits.
@@ -105,9 +103,19 @@ impl Cgroups {
         } else {
             let u = &self.unified;
             write(u, "cpu.max", &format!("{quota} {CFS_PERIOD_US}"))?;
-            write(u, "cpu.weight", &(100u64.saturating_mul(u64::from(flavor.vcpus))).min(10000).to_string())?;
+            write(
+                u,
+                "cpu.weight",
+                &(100u64.saturating_mul(u64::from(flavor.vcpus)))
+                    .min(10000)
+                    .to_string(),
+            )?;
             write(u, "memory.max", &mem.to_string())?;
-            write(u, "memory.swap.max", &(flavor.swap_mb.saturating_mul(1 << 20)).to_string())?;
+            write(
+                u,
+                "memory.swap.max",
+                &(flavor.swap_mb.saturating_mul(1 << 20)).to_string(),
+            )?;
             write(u, "pids.max", &pids_max(flavor).to_string())?;
         }
         Ok(())
@@ -118,7 +126,11 @@ impl Cgroups {
         if let Some(f) = self.v1("freezer") {
             write(f, "freezer.state", if frozen { "FROZEN" } else { "THAWED" })
         } else {
-            write(&self.unified, "cgroup.freeze", if frozen { "1" } else { "0" })
+            write(
+                &self.unified,
+                "cgroup.freeze",
+                if frozen { "1" } else { "0" },
+            )
         }
     }
 
@@ -206,7 +218,11 @@ fn inherit_cpuset(dir: &Path, file: &str) -> Result<()> {
         })
         .unwrap_or_default();
     // Parents need values before children can take them.
-    for d in chain.iter().rev().chain(std::iter::once(&dir.to_path_buf())) {
+    for d in chain
+        .iter()
+        .rev()
+        .chain(std::iter::once(&dir.to_path_buf()))
+    {
         let cur = std::fs::read_to_string(d.join(file)).unwrap_or_default();
         if cur.trim().is_empty() {
             write(d, file, v.trim())?;

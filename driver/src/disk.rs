@@ -68,7 +68,14 @@ pub fn create_disk(path: &Path, root_gb: u64) -> Result<()> {
     // No lazy init threads writing zeroes behind our back, no journal checksum cost: the disk
     // is private and the host page cache holds it.
     run(Command::new("mkfs.ext4")
-        .args(["-q", "-F", "-m", "0", "-E", "lazy_itable_init=1,lazy_journal_init=1"])
+        .args([
+            "-q",
+            "-F",
+            "-m",
+            "0",
+            "-E",
+            "lazy_itable_init=1,lazy_journal_init=1",
+        ])
         .arg(path))
 }
 
@@ -103,8 +110,8 @@ fn attach_loop(image: &Path) -> Result<(std::fs::File, PathBuf)> {
                 continue;
             }
         };
-        let fd = u32::try_from(backing.as_raw_fd())
-            .map_err(|_| Error::Other("negative fd".into()))?;
+        let fd =
+            u32::try_from(backing.as_raw_fd()).map_err(|_| Error::Other("negative fd".into()))?;
         let cfg = LoopConfig {
             fd,
             block_size: 0,
@@ -163,7 +170,12 @@ pub fn mount_rootfs(paths: &Paths, lowers_top_first: &[PathBuf]) -> Result<()> {
         );
         // The mount holds the device now; closing ours lets autoclear detach it at umount.
         drop(loopf);
-        r.map_err(|e| Error::sys(format!("mount {} on {}", dev.display(), paths.disk_mnt.display()), e))?;
+        r.map_err(|e| {
+            Error::sys(
+                format!("mount {} on {}", dev.display(), paths.disk_mnt.display()),
+                e,
+            )
+        })?;
     }
     let upper = paths.disk_mnt.join("upper");
     let work = paths.disk_mnt.join("work");

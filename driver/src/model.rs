@@ -41,7 +41,10 @@ impl Flavor {
             )));
         }
         if self.swap_mb > MAX_MEMORY_MB {
-            return Err(Error::Invalid(format!("swap_mb {} is absurd", self.swap_mb)));
+            return Err(Error::Invalid(format!(
+                "swap_mb {} is absurd",
+                self.swap_mb
+            )));
         }
         Ok(())
     }
@@ -171,9 +174,7 @@ pub fn now_secs() -> u64 {
 pub fn validate_name(name: &str) -> Result<()> {
     let ok = !name.is_empty()
         && name.len() <= 63
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
         && !name.starts_with('-')
         && !name.ends_with('-');
     if ok {

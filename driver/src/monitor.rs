@@ -24,7 +24,11 @@ use std::path::{Path, PathBuf};
 
 /// Console text that tells a reboot from a power-off when init just exits (it cannot call
 /// reboot(2) without CAP_SYS_BOOT, so both look like a plain exit).
-const REBOOT_MARKERS: [&str; 3] = ["Reached target reboot.target", "System Reboot", "Rebooting."];
+const REBOOT_MARKERS: [&str; 3] = [
+    "Reached target reboot.target",
+    "System Reboot",
+    "Rebooting.",
+];
 
 pub fn run(dir: &Path) -> Result<()> {
     let spec = RuntimeSpec::load(dir)?;
@@ -36,7 +40,8 @@ pub fn run(dir: &Path) -> Result<()> {
 
     let mut mask = SigSet::empty();
     mask.add(Signal::SIGCHLD);
-    mask.thread_block().map_err(|e| Error::sys("sigprocmask", e))?;
+    mask.thread_block()
+        .map_err(|e| Error::sys("sigprocmask", e))?;
     let mut sfd = SignalFd::with_flags(&mask, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)
         .map_err(|e| Error::sys("signalfd", e))?;
 
@@ -69,9 +74,9 @@ pub fn run(dir: &Path) -> Result<()> {
         // Drain what init printed last: the reboot marker may be in it.
         console.pump(&pty.master);
         let requested = dir.join(REBOOT_FLAG).exists();
-        let said_reboot = console.tail_since(console_mark).is_some_and(|t| {
-            REBOOT_MARKERS.iter().any(|m| t.contains(m))
-        });
+        let said_reboot = console
+            .tail_since(console_mark)
+            .is_some_and(|t| REBOOT_MARKERS.iter().any(|m| t.contains(m)));
         let sighup = matches!(status, WaitStatus::Signaled(_, Signal::SIGHUP, _));
         tracing::info!(?status, requested, said_reboot, "init exited");
         if requested || said_reboot || sighup {
@@ -215,7 +220,9 @@ impl Console {
         if let Ok(mut f) = File::open(&self.path) {
             let _ = f.read_to_end(&mut data);
         }
-        let start = data.len().saturating_sub(usize::try_from(keep).unwrap_or(usize::MAX));
+        let start = data
+            .len()
+            .saturating_sub(usize::try_from(keep).unwrap_or(usize::MAX));
         let tail = data.get(start..).unwrap_or_default();
         if write_atomic(&self.path, tail).is_ok() {
             if let Ok(f) = std::fs::OpenOptions::new().append(true).open(&self.path) {
@@ -240,10 +247,10 @@ fn start_init(spec: &RuntimeSpec, slave_path: &Path, slave: &OwnedFd) -> Result<
             "user namespaces are not implemented yet".into(),
         ));
     }
-    let (pid_r, pid_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
-        .map_err(|e| Error::sys("pipe", e))?;
-    let (err_r, err_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
-        .map_err(|e| Error::sys("pipe", e))?;
+    let (pid_r, pid_w) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| Error::sys("pipe", e))?;
+    let (err_r, err_w) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| Error::sys("pipe", e))?;
     // SAFETY: the monitor is single-threaded, so the child may allocate.
     match unsafe { fork() }.map_err(|e| Error::sys("fork", e))? {
         ForkResult::Child => {
@@ -385,8 +392,14 @@ fn setup_and_exec(spec: &RuntimeSpec, slave_path: &Path, slave: &OwnedFd) -> Res
     // The cgroup namespace root is the instance's cgroup: systemd gets it writable.
     let cg = at("sys/fs/cgroup");
     if cg.is_dir() {
-        do_mount(Some("cgroup2"), &cg, Some("cgroup2"), nosuid, Some("nsdelegate"))
-            .or_else(|_| do_mount(Some("cgroup2"), &cg, Some("cgroup2"), nosuid, None))?;
+        do_mount(
+            Some("cgroup2"),
+            &cg,
+            Some("cgroup2"),
+            nosuid,
+            Some("nsdelegate"),
+        )
+        .or_else(|_| do_mount(Some("cgroup2"), &cg, Some("cgroup2"), nosuid, None))?;
     }
 
     for (src, rel) in &spec.procfs_binds {
@@ -419,7 +432,10 @@ fn setup_and_exec(spec: &RuntimeSpec, slave_path: &Path, slave: &OwnedFd) -> Res
 
     sys(|| "chdir rootfs".into(), nix::unistd::chdir(r.as_path()))?;
     sys(|| "pivot_root".into(), nix::unistd::pivot_root(".", "."))?;
-    sys(|| "detach old root".into(), umount2(".", MntFlags::MNT_DETACH))?;
+    sys(
+        || "detach old root".into(),
+        umount2(".", MntFlags::MNT_DETACH),
+    )?;
     sys(|| "chdir /".into(), nix::unistd::chdir("/"))?;
 
     for cap in &spec.drop_caps {

@@ -20,7 +20,11 @@ use std::time::{Duration, Instant};
 
 /// Capabilities dropped from the bounding set: loading modules, setting the host clock,
 /// kexec/reboot of the host (see capabilities(7) for the numbers).
-pub const DROP_CAPS: [u32; 3] = [16 /* SYS_MODULE */, 25 /* SYS_TIME */, 22 /* SYS_BOOT */];
+pub const DROP_CAPS: [u32; 3] = [
+    16, /* SYS_MODULE */
+    25, /* SYS_TIME */
+    22, /* SYS_BOOT */
+];
 const POLL: Duration = Duration::from_millis(5);
 
 #[derive(Debug, Clone, Deserialize)]
@@ -65,7 +69,10 @@ impl Manager {
     }
 
     fn op_lock(&self, uuid: &str) -> Arc<Mutex<()>> {
-        lock(&self.locks).entry(uuid.to_string()).or_default().clone()
+        lock(&self.locks)
+            .entry(uuid.to_string())
+            .or_default()
+            .clone()
     }
 
     pub fn cgroups(&self, uuid: &str) -> Cgroups {
@@ -131,7 +138,9 @@ impl Manager {
         let image = images::lookup(&self.cfg, &req.image)?;
         for k in &req.ssh_keys {
             if k.contains('\n') || k.len() > 16384 {
-                return Err(Error::Invalid("ssh key: one line each, at most 16 KiB".into()));
+                return Err(Error::Invalid(
+                    "ssh key: one line each, at most 16 KiB".into(),
+                ));
             }
         }
         let inst = Instance {
@@ -190,7 +199,11 @@ impl Manager {
         match inst.state {
             VmState::Running => return Ok(inst),
             VmState::Shutoff | VmState::Error => {}
-            s => return Err(Error::Conflict(format!("cannot start an instance in state {s:?}"))),
+            s => {
+                return Err(Error::Conflict(format!(
+                    "cannot start an instance in state {s:?}"
+                )))
+            }
         }
         match self.power_on_locked(&inst.uuid) {
             Ok(i) => Ok(i),
@@ -349,9 +362,14 @@ impl Manager {
         };
         let boot = read_init_record(&dir).map(|r| r.boot).unwrap_or(0);
         model_write_flag(&dir)?;
-        let sig = if hard { Signal::SIGKILL } else { Signal::SIGINT };
+        let sig = if hard {
+            Signal::SIGKILL
+        } else {
+            Signal::SIGINT
+        };
         kill(Pid::from_raw(init.pid), sig).map_err(|e| Error::sys("signal init", e))?;
-        let deadline = Instant::now() + Duration::from_secs(self.cfg.boot_timeout + self.cfg.stop_timeout);
+        let deadline =
+            Instant::now() + Duration::from_secs(self.cfg.boot_timeout + self.cfg.stop_timeout);
         let rec = wait_init_record(&dir, &monitor, boot, deadline)?;
         let init = ProcId {
             pid: rec.pid,
@@ -428,7 +446,11 @@ impl Manager {
             lock(&self.instances).insert(uuid.clone(), inst.clone());
             match (prev, alive) {
                 (VmState::Running | VmState::Paused, true) => {
-                    tracing::info!(uuid, pid = inst.init.as_ref().map(|p| p.pid), "restored running instance");
+                    tracing::info!(
+                        uuid,
+                        pid = inst.init.as_ref().map(|p| p.pid),
+                        "restored running instance"
+                    );
                     inst.save(&dir)?;
                 }
                 (VmState::Deleting, _) => {
@@ -438,11 +460,19 @@ impl Manager {
                 }
                 (VmState::Building, _) => {
                     let _ = self.stop_locked(&uuid, Duration::ZERO);
-                    self.set_state(&uuid, VmState::Error, Some("fatboxd stopped during the build".into()))?;
+                    self.set_state(
+                        &uuid,
+                        VmState::Error,
+                        Some("fatboxd stopped during the build".into()),
+                    )?;
                 }
                 (VmState::Running | VmState::Paused, false) => {
                     let _ = self.teardown(&uuid);
-                    self.set_state(&uuid, VmState::Shutoff, Some("init exited while fatboxd was down".into()))?;
+                    self.set_state(
+                        &uuid,
+                        VmState::Shutoff,
+                        Some("init exited while fatboxd was down".into()),
+                    )?;
                 }
                 (_, true) => {
                     // Powered-off instance with a live init: trust /proc.
@@ -462,7 +492,9 @@ impl Manager {
             }
             let l = self.op_lock(&inst.uuid);
             let Ok(_g) = l.try_lock() else { continue };
-            let Ok(inst) = self.get(&inst.uuid) else { continue };
+            let Ok(inst) = self.get(&inst.uuid) else {
+                continue;
+            };
             let dir = self.dir(&inst.uuid);
             let monitor_alive = inst.monitor.as_ref().is_some_and(|m| m.alive());
             if !monitor_alive {
@@ -561,7 +593,8 @@ fn wait_init_record(
         }
         if let Some(x) = read_exit_record(dir) {
             return Err(Error::Other(
-                x.error.unwrap_or_else(|| format!("init exited: {}", x.status)),
+                x.error
+                    .unwrap_or_else(|| format!("init exited: {}", x.status)),
             ));
         }
         if !monitor.alive() {
@@ -653,7 +686,10 @@ fn write_identity(rootfs: &Path, inst: &Instance) -> Result<()> {
     let hn = etc.join("hostname");
     // A symlink planted by the guest must not redirect our writes to the host.
     for p in [&hn] {
-        if p.symlink_metadata().map(|m| m.file_type().is_symlink()).unwrap_or(false) {
+        if p.symlink_metadata()
+            .map(|m| m.file_type().is_symlink())
+            .unwrap_or(false)
+        {
             std::fs::remove_file(p).map_err(io(p))?;
         }
     }
@@ -662,15 +698,25 @@ fn write_identity(rootfs: &Path, inst: &Instance) -> Result<()> {
         let root = rootfs.join("root");
         let ssh = root.join(".ssh");
         for d in [&root, &ssh] {
-            if d.symlink_metadata().map(|m| m.file_type().is_symlink()).unwrap_or(false) {
-                return Err(Error::Invalid(format!("{} is a symlink in the image", d.display())));
+            if d.symlink_metadata()
+                .map(|m| m.file_type().is_symlink())
+                .unwrap_or(false)
+            {
+                return Err(Error::Invalid(format!(
+                    "{} is a symlink in the image",
+                    d.display()
+                )));
             }
         }
         std::fs::create_dir_all(&ssh).map_err(io(&ssh))?;
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&ssh, std::fs::Permissions::from_mode(0o700)).map_err(io(&ssh))?;
         let ak = ssh.join("authorized_keys");
-        if ak.symlink_metadata().map(|m| m.file_type().is_symlink()).unwrap_or(false) {
+        if ak
+            .symlink_metadata()
+            .map(|m| m.file_type().is_symlink())
+            .unwrap_or(false)
+        {
             std::fs::remove_file(&ak).map_err(io(&ak))?;
         }
         let mut body = inst.ssh_keys.join("\n");

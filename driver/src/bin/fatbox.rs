@@ -60,7 +60,9 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    Start { id: String },
+    Start {
+        id: String,
+    },
     Stop {
         id: String,
         /// Seconds before SIGKILL.
@@ -72,9 +74,15 @@ enum Cmd {
         #[arg(long)]
         hard: bool,
     },
-    Pause { id: String },
-    Resume { id: String },
-    Delete { id: String },
+    Pause {
+        id: String,
+    },
+    Resume {
+        id: String,
+    },
+    Delete {
+        id: String,
+    },
     /// Console output (the tail of console.log).
     Console {
         id: String,
@@ -110,7 +118,10 @@ enum ImageCmd {
 
 fn main() {
     let args = Args::parse();
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("fatbox: {e}");
@@ -138,7 +149,11 @@ async fn call(c: &Client, method: &str, path: &str, body: Option<Value>) -> anyh
 }
 
 fn print_instance(v: &Value) {
-    let s = |k: &str| v.get(k).map(|x| x.to_string().trim_matches('"').to_string()).unwrap_or_default();
+    let s = |k: &str| {
+        v.get(k)
+            .map(|x| x.to_string().trim_matches('"').to_string())
+            .unwrap_or_default()
+    };
     println!("uuid:        {}", s("uuid"));
     println!("name:        {}", s("name"));
     println!("image:       {}", s("image"));
@@ -168,12 +183,27 @@ fn path_id(id: &str) -> anyhow::Result<&str> {
 async fn run(args: Args) -> anyhow::Result<i32> {
     let c = Client::new(&args.socket);
     match args.cmd {
-        Cmd::Image { cmd: ImageCmd::Import { file, name } } => {
+        Cmd::Image {
+            cmd: ImageCmd::Import { file, name },
+        } => {
             let file = std::fs::canonicalize(&file).with_context(|| file.display().to_string())?;
-            let v = call(&c, "POST", "/v1/images", Some(json!({"file": file, "name": name}))).await?;
-            println!("{}", v.get("manifest_digest").and_then(Value::as_str).unwrap_or_default());
+            let v = call(
+                &c,
+                "POST",
+                "/v1/images",
+                Some(json!({"file": file, "name": name})),
+            )
+            .await?;
+            println!(
+                "{}",
+                v.get("manifest_digest")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default()
+            );
         }
-        Cmd::Image { cmd: ImageCmd::List { json } } => {
+        Cmd::Image {
+            cmd: ImageCmd::List { json },
+        } => {
             let v = call(&c, "GET", "/v1/images", None).await?;
             if json {
                 println!("{v:#}");
@@ -182,16 +212,33 @@ async fn run(args: Args) -> anyhow::Result<i32> {
                     println!(
                         "{}\t{}",
                         i.get("name").and_then(Value::as_str).unwrap_or_default(),
-                        i.get("manifest_digest").and_then(Value::as_str).unwrap_or_default()
+                        i.get("manifest_digest")
+                            .and_then(Value::as_str)
+                            .unwrap_or_default()
                     );
                 }
             }
         }
-        Cmd::Run { image, name, vcpus, memory, disk, swap, ssh_key, uuid, nic, no_wait } => {
+        Cmd::Run {
+            image,
+            name,
+            vcpus,
+            memory,
+            disk,
+            swap,
+            ssh_key,
+            uuid,
+            nic,
+            no_wait,
+        } => {
             let mut keys = Vec::new();
             if let Some(k) = ssh_key {
                 let text = std::fs::read_to_string(&k).with_context(|| k.display().to_string())?;
-                keys.extend(text.lines().filter(|l| !l.trim().is_empty()).map(str::to_string));
+                keys.extend(
+                    text.lines()
+                        .filter(|l| !l.trim().is_empty())
+                        .map(str::to_string),
+                );
             }
             let nics: Vec<Value> = nic.iter().map(|n| json!({"spec": n})).collect();
             let body = json!({
@@ -199,7 +246,11 @@ async fn run(args: Args) -> anyhow::Result<i32> {
                 "flavor": {"vcpus": vcpus, "memory_mb": memory, "root_gb": disk, "swap_mb": swap.unwrap_or(0)},
             });
             let v = call(&c, "POST", "/v1/instances", Some(body)).await?;
-            let uuid = v.get("uuid").and_then(Value::as_str).unwrap_or_default().to_string();
+            let uuid = v
+                .get("uuid")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_string();
             if !no_wait {
                 let deadline = Instant::now() + Duration::from_secs(600);
                 loop {
@@ -227,8 +278,18 @@ async fn run(args: Args) -> anyhow::Result<i32> {
             } else {
                 println!("{:<36}  {:<20}  {:<10}  INIT", "UUID", "NAME", "STATE");
                 for i in v.as_array().into_iter().flatten() {
-                    let s = |k: &str| i.get(k).map(|x| x.to_string().trim_matches('"').to_string()).unwrap_or_default();
-                    println!("{:<36}  {:<20}  {:<10}  {}", s("uuid"), s("name"), s("state"), s("init_pid"));
+                    let s = |k: &str| {
+                        i.get(k)
+                            .map(|x| x.to_string().trim_matches('"').to_string())
+                            .unwrap_or_default()
+                    };
+                    println!(
+                        "{:<36}  {:<20}  {:<10}  {}",
+                        s("uuid"),
+                        s("name"),
+                        s("state"),
+                        s("init_pid")
+                    );
                 }
             }
         }
@@ -241,7 +302,9 @@ async fn run(args: Args) -> anyhow::Result<i32> {
             }
         }
         Cmd::Start { id } => action(&c, &id, json!({"action": "start"})).await?,
-        Cmd::Stop { id, timeout } => action(&c, &id, json!({"action": "stop", "timeout": timeout})).await?,
+        Cmd::Stop { id, timeout } => {
+            action(&c, &id, json!({"action": "stop", "timeout": timeout})).await?
+        }
         Cmd::Reboot { id, hard } => {
             let a = if hard { "reboot_hard" } else { "reboot" };
             action(&c, &id, json!({"action": a})).await?
@@ -249,11 +312,21 @@ async fn run(args: Args) -> anyhow::Result<i32> {
         Cmd::Pause { id } => action(&c, &id, json!({"action": "pause"})).await?,
         Cmd::Resume { id } => action(&c, &id, json!({"action": "resume"})).await?,
         Cmd::Delete { id } => {
-            call(&c, "DELETE", &format!("/v1/instances/{}", path_id(&id)?), None).await?;
+            call(
+                &c,
+                "DELETE",
+                &format!("/v1/instances/{}", path_id(&id)?),
+                None,
+            )
+            .await?;
         }
         Cmd::Console { id, bytes } => {
             let r = c
-                .request("GET", &format!("/v1/instances/{}/console?bytes={bytes}", path_id(&id)?), None)
+                .request(
+                    "GET",
+                    &format!("/v1/instances/{}/console?bytes={bytes}", path_id(&id)?),
+                    None,
+                )
                 .await?;
             if !r.ok() {
                 bail!("{} ({})", r.error(), r.status);
@@ -277,8 +350,17 @@ async fn run(args: Args) -> anyhow::Result<i32> {
 }
 
 async fn action(c: &Client, id: &str, body: Value) -> anyhow::Result<()> {
-    let v = call(c, "POST", &format!("/v1/instances/{}/actions", path_id(id)?), Some(body)).await?;
-    println!("{}", v.get("state").and_then(Value::as_str).unwrap_or_default());
+    let v = call(
+        c,
+        "POST",
+        &format!("/v1/instances/{}/actions", path_id(id)?),
+        Some(body),
+    )
+    .await?;
+    println!(
+        "{}",
+        v.get("state").and_then(Value::as_str).unwrap_or_default()
+    );
     Ok(())
 }
 
@@ -295,7 +377,12 @@ async fn exec(c: &Client, id: &str, cmd: &[String]) -> anyhow::Result<i32> {
         .and_then(|p| i32::try_from(p).ok())
         .context("instance has no init pid")?;
     let me = std::process::id().to_string();
-    for d in v.get("cgroups").and_then(Value::as_array).into_iter().flatten() {
+    for d in v
+        .get("cgroups")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
         if let Some(d) = d.as_str() {
             let p = std::path::Path::new(d).join("cgroup.procs");
             std::fs::write(&p, &me).with_context(|| p.display().to_string())?;
@@ -305,8 +392,14 @@ async fn exec(c: &Client, id: &str, cmd: &[String]) -> anyhow::Result<i32> {
         .args(driver::ops::nsenter_args(pid))
         .args(cmd)
         .env_clear()
-        .env("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
-        .env("TERM", std::env::var("TERM").unwrap_or_else(|_| "vt220".into()))
+        .env(
+            "PATH",
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        )
+        .env(
+            "TERM",
+            std::env::var("TERM").unwrap_or_else(|_| "vt220".into()),
+        )
         .env("HOME", "/root")
         .env("container", "fatbox")
         .status()
