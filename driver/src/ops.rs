@@ -683,6 +683,17 @@ fn wait_running(dir: &Path, init: &ProcId, deadline: Instant) -> Result<String> 
 /// container_uuid, so it is unique per instance and stable across boots.
 fn write_identity(rootfs: &Path, inst: &Instance) -> Result<()> {
     let etc = rootfs.join("etc");
+    // Host paths into the guest tree: a guest symlink for /etc or /root would point our
+    // writes at the host's own files.
+    for d in [&etc, &rootfs.join("root")] {
+        if d.symlink_metadata().is_ok_and(|m| !m.is_dir()) {
+            return Err(Error::Invalid(format!(
+                "{} in the image is not a directory",
+                d.display()
+            )));
+        }
+    }
+    std::fs::create_dir_all(&etc).map_err(io(&etc))?;
     let hn = etc.join("hostname");
     // A symlink planted by the guest must not redirect our writes to the host.
     for p in [&hn] {
