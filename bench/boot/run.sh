@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Boot time, side by side, on the same rootfs (the image's unpacked layers, warm cache):
 #   fatbox:  `fatbox run` (API call) → systemd `running`, and → sshd listening
-#   nspawn:  `systemd-nspawn --register=no --keep-unit -b` → systemd `running`
+#   nspawn:  `systemd-nspawn --register=no --keep-unit --private-network -b` (own netns, as fatbox) → systemd `running`
 # Usage: bench/boot/run.sh [RUNS]   (root; FATBOX_FIXTURES or the cached fixture dir;
 #        FATBOX_BIN = directory holding fatbox/fatboxd, default target/release)
 set -euo pipefail
@@ -31,7 +31,7 @@ state_dir = "$WORK/state"
 socket = "$WORK/sock"
 cgroup_parent = "fatbox-bench"
 EOT
-"$BIN/fatboxd" --config "$WORK/fatbox.toml" 2>"$WORK/fatboxd.log" &
+"$BIN/fatboxd" --config "$WORK/fatbox.toml" 2>"${FATBOX_BENCH_LOG:-$WORK/fatboxd.log}" &
 DAEMON=$!
 until "$BIN/fatbox" --socket "$WORK/sock" list >/dev/null 2>&1; do sleep 0.05; done
 F() { "$BIN/fatbox" --socket "$WORK/sock" "$@"; }
@@ -58,7 +58,7 @@ PY
   rm -rf "$WORK/up" "$WORK/wk"; mkdir -p "$WORK/up" "$WORK/wk" "$WORK/nsroot"
   mount -t overlay overlay -o "lowerdir=$lowers,upperdir=$WORK/up,workdir=$WORK/wk" "$WORK/nsroot"
   t3=$(now)
-  systemd-nspawn --register=no --keep-unit -q -b -D "$WORK/nsroot" --console=read-only >/dev/null 2>&1 &
+  systemd-nspawn --register=no --keep-unit --private-network -q -b -D "$WORK/nsroot" --console=read-only >/dev/null 2>&1 &
   NSPAWN=$!
   leader=
   while :; do

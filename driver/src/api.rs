@@ -146,7 +146,7 @@ async fn console(
     Query(q): Query<ConsoleQuery>,
 ) -> ApiResult<Vec<u8>> {
     let n = q.bytes.unwrap_or(64 * 1024);
-    Ok(blocking(move || m.console(&id, n)).await?)
+    blocking(move || m.console(&id, n)).await
 }
 
 async fn host(State(m): State<Mgr>) -> Json<Value> {
@@ -165,8 +165,8 @@ async fn host(State(m): State<Mgr>) -> Json<Value> {
     let disk = nix::sys::statvfs::statvfs(&m.cfg.state_dir)
         .map(|s| {
             (
-                (s.blocks() as u64).saturating_mul(s.fragment_size() as u64) >> 30,
-                (s.blocks_available() as u64).saturating_mul(s.fragment_size() as u64) >> 30,
+                s.blocks().saturating_mul(s.fragment_size()) >> 30,
+                s.blocks_available().saturating_mul(s.fragment_size()) >> 30,
             )
         })
         .unwrap_or((0, 0));

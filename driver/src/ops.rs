@@ -216,6 +216,7 @@ impl Manager {
     }
 
     fn power_on_locked(&self, uuid: &str) -> Result<Instance> {
+        let t0 = Instant::now();
         let inst = self.get(uuid)?;
         let dir = self.dir(uuid);
         let paths = Paths::new(&dir);
@@ -226,6 +227,7 @@ impl Manager {
         if !paths.image.exists() {
             disk::create_disk(&paths.image, inst.flavor.root_gb)?;
         }
+        let t_disk = t0.elapsed();
         disk::mount_rootfs(&paths, &lowers)?;
         write_identity(&paths.rootfs, &inst)?;
         let cg = self.cgroups(uuid);
@@ -252,6 +254,7 @@ impl Manager {
         for f in [INIT_FILE, EXIT_FILE, REBOOT_FLAG] {
             let _ = std::fs::remove_file(dir.join(f));
         }
+        let t_prep = t0.elapsed();
         let monitor = spawn_monitor(&dir)?;
         self.update(uuid, |i| i.monitor = Some(monitor.clone()))?;
         let deadline = Instant::now() + Duration::from_secs(self.cfg.boot_timeout);
@@ -263,7 +266,16 @@ impl Manager {
         self.update(uuid, |i| i.init = Some(init.clone()))?;
         let cgroup_rel = format!("/{}/{}", self.cfg.cgroup_parent, uuid);
         crate::procfs::register(&self.cfg.procfs, uuid, &cgroup_rel, init.pid, now_secs())?;
+        let t_init = t0.elapsed();
         wait_running(&dir, &init, deadline)?;
+        tracing::info!(
+            uuid,
+            mkfs_ms = t_disk.as_millis() as u64,
+            prepared_ms = t_prep.as_millis() as u64,
+            init_started_ms = t_init.as_millis() as u64,
+            running_ms = t0.elapsed().as_millis() as u64,
+            "boot phases"
+        );
         self.update(uuid, |i| {
             i.state = VmState::Running;
             i.reason = None;

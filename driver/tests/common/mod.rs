@@ -156,7 +156,11 @@ impl Drop for Daemon {
                     }
                 }
             }
-            for root in std::fs::read_dir("/sys/fs/cgroup").into_iter().flatten().flatten() {
+            for root in std::fs::read_dir("/sys/fs/cgroup")
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
                 let _ = std::fs::remove_dir(root.path().join(&parent));
             }
         }
