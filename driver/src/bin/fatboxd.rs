@@ -48,6 +48,7 @@ fn main() -> anyhow::Result<()> {
 
 async fn daemon(cfg: Config) -> anyhow::Result<()> {
     let socket = cfg.socket.clone();
+    driver::host::tune();
     let m = Manager::new(cfg)?;
     let m2 = m.clone();
     tokio::task::spawn_blocking(move || m2.restore())
