@@ -22,6 +22,7 @@ cleanup() {
   rm -rf "$WORK"
 }
 trap cleanup EXIT
+trap "exit 1" INT TERM
 printf 'state_dir = "%s/state"\nsocket = "%s/sock"\ncgroup_parent = "fatbox-density"\nboot_timeout = 600\n' "$WORK" "$WORK" > "$WORK/fatbox.toml"
 "$BIN/fatboxd" --config "$WORK/fatbox.toml" 2>"$WORK/fatboxd.log" &
 DAEMON=$!

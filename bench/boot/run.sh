@@ -25,6 +25,7 @@ cleanup() {
   rm -rf "$WORK"
 }
 trap cleanup EXIT
+trap "exit 1" INT TERM
 now() { date +%s.%N; }
 cat > "$WORK/fatbox.toml" <<EOT
 state_dir = "$WORK/state"
