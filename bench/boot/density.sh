@@ -13,6 +13,12 @@ F() { "$BIN/fatbox" --socket "$WORK/sock" "$@"; }
 cleanup() {
   set +e
   if [ -n "$DAEMON" ]; then
+    # Interrupted runs: a fresh daemon live-restores the instances so they can be deleted.
+    if ! F list >/dev/null 2>&1; then
+      "$BIN/fatboxd" --config "$WORK/fatbox.toml" 2>>"$WORK/fatboxd.log" &
+      DAEMON=$!
+      for _ in $(seq 100); do F list >/dev/null 2>&1 && break; sleep 0.1; done
+    fi
     for u in $(F list --json | python3 -c 'import json,sys; [print(i["uuid"]) for i in json.load(sys.stdin)]'); do
       F delete "$u"
     done

@@ -660,6 +660,7 @@ fn wait_running(dir: &Path, init: &ProcId, deadline: Instant) -> Result<String> 
                 .stderr(Stdio::null())
                 .spawn()
                 .map_err(io("nsenter"))?;
+            let mut poll = POLL;
             let status = loop {
                 if let Some(s) = child.try_wait().map_err(io("nsenter"))? {
                     break Some(s);
@@ -669,7 +670,9 @@ fn wait_running(dir: &Path, init: &ProcId, deadline: Instant) -> Result<String> 
                     let _ = child.wait();
                     break None;
                 }
-                std::thread::sleep(POLL);
+                std::thread::sleep(poll);
+                // Many boots at once must not turn into a busy loop.
+                poll = (poll * 2).min(Duration::from_millis(100));
             };
             if status.is_some() {
                 let mut out = String::new();
@@ -686,7 +689,7 @@ fn wait_running(dir: &Path, init: &ProcId, deadline: Instant) -> Result<String> 
                 }
             }
         }
-        std::thread::sleep(POLL);
+        std::thread::sleep(POLL * 4);
     }
 }
 

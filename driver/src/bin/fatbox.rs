@@ -253,6 +253,7 @@ async fn run(args: Args) -> anyhow::Result<i32> {
                 .to_string();
             if !no_wait {
                 let deadline = Instant::now() + Duration::from_secs(600);
+                let mut poll = Duration::from_millis(10);
                 loop {
                     let v = call(&c, "GET", &format!("/v1/instances/{uuid}"), None).await?;
                     match v.get("state").and_then(Value::as_str) {
@@ -266,7 +267,9 @@ async fn run(args: Args) -> anyhow::Result<i32> {
                     if Instant::now() > deadline {
                         bail!("instance {uuid} did not come up");
                     }
-                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    // Fast at first (boots take ~1 s), then gentle on a busy host.
+                    tokio::time::sleep(poll).await;
+                    poll = (poll * 2).min(Duration::from_millis(250));
                 }
             }
             println!("{uuid}");
