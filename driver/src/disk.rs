@@ -91,9 +91,12 @@ fn attach_loop(image: &Path) -> Result<(std::fs::File, PathBuf)> {
         .write(true)
         .open("/dev/loop-control")
         .map_err(io("/dev/loop-control"))?;
+    // Parallel boots would all get the same free device from GET_FREE: one at a time here;
+    // other processes (losetup, mount -o loop) can still race us, hence the retries.
+    static ATTACH: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _g = ATTACH.lock().unwrap_or_else(|p| p.into_inner());
     let mut last = String::new();
-    // Another process may take the free device between GET_FREE and CONFIGURE: retry.
-    for _ in 0..16 {
+    for _ in 0..64 {
         // SAFETY: LOOP_CTL_GET_FREE takes no argument and returns a device number.
         let n = unsafe { libc::ioctl(ctl.as_raw_fd(), LOOP_CTL_GET_FREE) };
         if n < 0 {
