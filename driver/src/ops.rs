@@ -661,6 +661,7 @@ fn wait_running(dir: &Path, init: &ProcId, deadline: Instant) -> Result<String> 
                 .spawn()
                 .map_err(io("nsenter"))?;
             let mut poll = POLL;
+            let started = Instant::now();
             let status = loop {
                 if let Some(s) = child.try_wait().map_err(io("nsenter"))? {
                     break Some(s);
@@ -672,7 +673,9 @@ fn wait_running(dir: &Path, init: &ProcId, deadline: Instant) -> Result<String> 
                 }
                 std::thread::sleep(poll);
                 // Many boots at once must not turn into a busy loop.
-                poll = (poll * 2).min(Duration::from_millis(100));
+                if started.elapsed() > Duration::from_secs(3) {
+                    poll = (poll * 2).min(Duration::from_millis(100));
+                }
             };
             if status.is_some() {
                 let mut out = String::new();

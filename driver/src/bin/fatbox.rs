@@ -254,6 +254,7 @@ async fn run(args: Args) -> anyhow::Result<i32> {
             if !no_wait {
                 let deadline = Instant::now() + Duration::from_secs(600);
                 let mut poll = Duration::from_millis(10);
+                let started = Instant::now();
                 loop {
                     let v = call(&c, "GET", &format!("/v1/instances/{uuid}"), None).await?;
                     match v.get("state").and_then(Value::as_str) {
@@ -269,7 +270,9 @@ async fn run(args: Args) -> anyhow::Result<i32> {
                     }
                     // Fast at first (boots take ~1 s), then gentle on a busy host.
                     tokio::time::sleep(poll).await;
-                    poll = (poll * 2).min(Duration::from_millis(250));
+                    if started.elapsed() > Duration::from_secs(3) {
+                        poll = (poll * 2).min(Duration::from_millis(250));
+                    }
                 }
             }
             println!("{uuid}");
