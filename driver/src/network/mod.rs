@@ -509,3 +509,9 @@ impl Network {
         .await
     }
 }
+
+/// The runtime's hook, called inside the new network namespace before init starts. NICs are
+/// plugged by fatboxd from the host side (see [`Network::plug`]); nothing is needed in here yet.
+pub fn before_init(_spec: &crate::spec::RuntimeSpec) -> crate::error::Result<()> {
+    Ok(())
+}

@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# Boot time, side by side, on the same rootfs (the image's unpacked layers, warm cache):
+#   fatbox:  `fatbox run` (API call) → systemd `running`, and → sshd listening
+#   nspawn:  `systemd-nspawn --register=no --keep-unit --private-network -b` (own netns, as fatbox) → systemd `running`
+# Usage: bench/boot/run.sh [RUNS]   (root; FATBOX_FIXTURES or the cached fixture dir;
+#        FATBOX_BIN = directory holding fatbox/fatboxd, default target/release)
+set -euo pipefail
+RUNS=${1:-5}
+cd "$(dirname "$0")/../.."
+BIN=${FATBOX_BIN:-${CARGO_TARGET_DIR:-target}/release}
+FIX=${FATBOX_FIXTURES:-$(dirname "$(find /var/cache/fatbox-fixtures -mindepth 2 -maxdepth 2 -name .complete | head -n1)")}
+WORK=$(mktemp -d /var/tmp/fatbox-bench.XXXXXX)
+DAEMON=
+cleanup() {
+  set +e
+  [ -n "${NSPAWN:-}" ] && kill "$NSPAWN" 2>/dev/null && wait "$NSPAWN" 2>/dev/null
+  mountpoint -q "$WORK/nsroot" && umount "$WORK/nsroot"
+  if [ -n "$DAEMON" ]; then
+    for u in $("$BIN/fatbox" --socket "$WORK/sock" list --json | python3 -c 'import json,sys; [print(i["uuid"]) for i in json.load(sys.stdin)]'); do
+      "$BIN/fatbox" --socket "$WORK/sock" delete "$u"
+    done
+    kill "$DAEMON"; wait "$DAEMON" 2>/dev/null
+  fi
+  rmdir /sys/fs/cgroup/*/fatbox-bench 2>/dev/null
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+trap "exit 1" INT TERM
+now() { date +%s.%N; }
+cat > "$WORK/fatbox.toml" <<EOT
+state_dir = "$WORK/state"
+socket = "$WORK/sock"
+cgroup_parent = "fatbox-bench"
+EOT
+"$BIN/fatboxd" --config "$WORK/fatbox.toml" 2>"${FATBOX_BENCH_LOG:-$WORK/fatboxd.log}" &
+DAEMON=$!
+until "$BIN/fatbox" --socket "$WORK/sock" list >/dev/null 2>&1; do sleep 0.05; done
+F() { "$BIN/fatbox" --socket "$WORK/sock" "$@"; }
+F image import "$FIX/v3.qcow2" --name bench >/dev/null
+echo "run  fatbox_running_s  fatbox_sshd_s  nspawn_running_s"
+for i in $(seq 1 "$RUNS"); do
+  t0=$(now)
+  F run --image bench --name "b$i" --vcpus 1 --memory 512 --disk 1 >/dev/null
+  t1=$(now)
+  until F exec "b$i" -- ss -ltnH 'sport = :22' 2>/dev/null | grep -q LISTEN; do sleep 0.005; done
+  t2=$(now)
+  F delete "b$i"
+
+  # nspawn on an overlay of the same layers (top first), fresh upper each run.
+  lowers=$(python3 - "$WORK/state" <<'PY'
+import json, sys, os
+st = sys.argv[1]
+idx = json.load(open(f"{st}/images/index.json"))
+m = [d for d in idx["manifests"] if d.get("annotations", {}).get("org.opencontainers.image.ref.name") == "bench"][0]
+man = json.load(open(f"{st}/images/blobs/sha256/" + m["digest"].split(":")[1]))
+print(":".join(f"{st}/layers/" + l["digest"].split(":")[1] for l in reversed(man["layers"])))
+PY
+)
+  rm -rf "$WORK/up" "$WORK/wk"; mkdir -p "$WORK/up" "$WORK/wk" "$WORK/nsroot"
+  mount -t overlay overlay -o "lowerdir=$lowers,upperdir=$WORK/up,workdir=$WORK/wk" "$WORK/nsroot"
+  t3=$(now)
+  systemd-nspawn --register=no --keep-unit --private-network -q -b -D "$WORK/nsroot" --console=read-only >/dev/null 2>&1 &
+  NSPAWN=$!
+  leader=
+  while :; do
+    leader=${leader:-$(pgrep -P "$NSPAWN" | head -n1 || true)}
+    if [ -n "$leader" ] && [ -e "/proc/$leader/root/run/systemd/private" ]; then
+      s=$(nsenter -t "$leader" -m -u -i -n -p -r -w systemctl is-system-running --wait 2>/dev/null || true)
+      case "$s" in running|degraded) break;; esac
+    fi
+    sleep 0.005
+  done
+  t4=$(now)
+  kill "$NSPAWN"; wait "$NSPAWN" 2>/dev/null || true; NSPAWN=
+  umount "$WORK/nsroot"
+  python3 -c "print('%d  %.3f  %.3f  %.3f' % ($i, $t1-$t0, $t2-$t0, $t4-$t3))"
+done

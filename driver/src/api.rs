@@ -1,0 +1,226 @@
+//! The REST API on the unix socket (routes of DESIGN.md's Nova table).
+
+use crate::error::Error;
+use crate::images;
+use crate::ops::{CreateRequest, Manager};
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use std::sync::Arc;
+use std::time::Duration;
+
+type Mgr = Arc<Manager>;
+
+pub struct ApiError(Error);
+
+impl From<Error> for ApiError {
+    fn from(e: Error) -> Self {
+        ApiError(e)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = match &self.0 {
+            Error::Invalid(_) => StatusCode::BAD_REQUEST,
+            Error::NotFound(_) => StatusCode::NOT_FOUND,
+            Error::Conflict(_) => StatusCode::CONFLICT,
+            Error::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            Error::Image(guestfs_tools::Error::NotFound(_)) => StatusCode::NOT_FOUND,
+            Error::Image(
+                guestfs_tools::Error::Corrupt { .. }
+                | guestfs_tools::Error::Unsupported(_)
+                | guestfs_tools::Error::Refused(_)
+                | guestfs_tools::Error::Limit(_),
+            ) => StatusCode::UNPROCESSABLE_ENTITY,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        (status, Json(json!({"error": self.0.to_string()}))).into_response()
+    }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> crate::Result<T> + Send + 'static,
+) -> ApiResult<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError(Error::Other(format!("task failed: {e}"))))?
+        .map_err(ApiError)
+}
+
+pub fn router(m: Mgr) -> Router {
+    Router::new()
+        .route("/v1/instances", get(list).post(create))
+        .route("/v1/instances/{id}", get(show).delete(delete))
+        .route("/v1/instances/{id}/actions", post(action))
+        .route("/v1/instances/{id}/console", get(console))
+        .route("/v1/host", get(host))
+        .route("/v1/images", get(list_images).post(import_image))
+        .with_state(m)
+}
+
+async fn list(State(m): State<Mgr>) -> Json<Value> {
+    Json(Value::Array(m.list().iter().map(|i| i.view()).collect()))
+}
+
+async fn show(State(m): State<Mgr>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+    let inst = m.get(&id)?;
+    let mut v = inst.view();
+    if let Some(o) = v.as_object_mut() {
+        o.insert("cgroups".into(), json!(m.cgroups(&inst.uuid).dirs));
+    }
+    Ok(Json(v))
+}
+
+/// Records the instance and boots it in the background: the answer (202, state building)
+/// comes at once; clients poll GET until running or error.
+async fn create(
+    State(m): State<Mgr>,
+    Json(req): Json<CreateRequest>,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    let m2 = m.clone();
+    let inst = blocking(move || m2.create(req)).await?;
+    let uuid = inst.uuid.clone();
+    let m3 = m.clone();
+    tokio::task::spawn_blocking(move || {
+        let t = std::time::Instant::now();
+        match m3.build(&uuid) {
+            Ok(_) => tracing::info!(
+                uuid,
+                ms = t.elapsed().as_millis() as u64,
+                "instance running"
+            ),
+            Err(e) => tracing::warn!(uuid, error = %e, "instance build failed"),
+        }
+    });
+    Ok((StatusCode::ACCEPTED, Json(inst.view())))
+}
+
+async fn delete(State(m): State<Mgr>, Path(id): Path<String>) -> ApiResult<StatusCode> {
+    blocking(move || m.delete(&id)).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Deserialize)]
+struct ActionReq {
+    action: String,
+    #[serde(default)]
+    timeout: Option<u64>,
+}
+
+async fn action(
+    State(m): State<Mgr>,
+    Path(id): Path<String>,
+    Json(req): Json<ActionReq>,
+) -> ApiResult<Json<Value>> {
+    let inst = blocking(move || match req.action.as_str() {
+        "stop" | "power_off" => m.stop(&id, req.timeout.map(Duration::from_secs)),
+        "start" | "power_on" => m.start(&id),
+        "reboot" => m.reboot(&id, false),
+        "reboot_hard" | "hard_reboot" => m.reboot(&id, true),
+        "pause" => m.pause(&id, true),
+        "resume" | "unpause" => m.pause(&id, false),
+        other => Err(Error::Invalid(format!(
+            "unknown action {other:?} (stop, start, reboot, reboot_hard, pause, resume)"
+        ))),
+    })
+    .await?;
+    Ok(Json(inst.view()))
+}
+
+#[derive(Deserialize)]
+struct ConsoleQuery {
+    #[serde(default)]
+    bytes: Option<u64>,
+}
+
+async fn console(
+    State(m): State<Mgr>,
+    Path(id): Path<String>,
+    Query(q): Query<ConsoleQuery>,
+) -> ApiResult<Vec<u8>> {
+    let n = q.bytes.unwrap_or(64 * 1024);
+    blocking(move || m.console(&id, n)).await
+}
+
+async fn host(State(m): State<Mgr>) -> Json<Value> {
+    let vcpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let mem_kb = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<u64>().ok())
+        })
+        .unwrap_or(0);
+    let disk = nix::sys::statvfs::statvfs(&m.cfg.state_dir)
+        .map(|s| {
+            (
+                s.blocks().saturating_mul(s.fragment_size()) >> 30,
+                s.blocks_available().saturating_mul(s.fragment_size()) >> 30,
+            )
+        })
+        .unwrap_or((0, 0));
+    let list = m.list();
+    Json(json!({
+        "hostname": nix::unistd::gethostname().ok().map(|h| h.to_string_lossy().into_owned()),
+        "vcpus": vcpus,
+        "memory_mb": mem_kb / 1024,
+        "disk_gb": disk.0,
+        "disk_available_gb": disk.1,
+        "instances": list.len(),
+        "vcpus_used": list.iter().map(|i| u64::from(i.flavor.vcpus)).sum::<u64>(),
+        "memory_mb_used": list.iter().map(|i| i.flavor.memory_mb).sum::<u64>(),
+        "hypervisor_type": "fatbox",
+    }))
+}
+
+async fn list_images(State(m): State<Mgr>) -> ApiResult<Json<Value>> {
+    let cfg = m.cfg.clone();
+    let v = blocking(move || images::list(&cfg)).await?;
+    Ok(Json(json!(v)))
+}
+
+#[derive(Deserialize)]
+struct ImportReq {
+    file: std::path::PathBuf,
+    name: String,
+}
+
+async fn import_image(
+    State(m): State<Mgr>,
+    Json(req): Json<ImportReq>,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    let cfg = m.cfg.clone();
+    let info = blocking(move || images::import(&cfg, &req.file, &req.name)).await?;
+    Ok((StatusCode::CREATED, Json(json!(info))))
+}
+
+/// Serves until the future returned by `shutdown` completes.
+pub async fn serve(
+    m: Mgr,
+    listener: tokio::net::UnixListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let m2 = m.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        loop {
+            tick.tick().await;
+            let m3 = m2.clone();
+            let _ = tokio::task::spawn_blocking(move || m3.reconcile()).await;
+        }
+    });
+    axum::serve(listener, router(m))
+        .with_graceful_shutdown(shutdown)
+        .await
+}

@@ -1,0 +1,417 @@
+//! fatbox: the command-line client of fatboxd.
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use driver::client::Client;
+use serde_json::{json, Value};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+#[derive(Parser)]
+#[command(version, about = "fatbox: run VM images as fat containers")]
+struct Args {
+    #[arg(long, env = "FATBOX_SOCKET", default_value = driver::config::DEFAULT_SOCKET)]
+    socket: PathBuf,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Image store.
+    Image {
+        #[command(subcommand)]
+        cmd: ImageCmd,
+    },
+    /// Create and boot an instance; waits until systemd inside is up and prints its uuid.
+    #[command(alias = "create")]
+    Run {
+        #[arg(long)]
+        image: String,
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        vcpus: u32,
+        /// MiB.
+        #[arg(long)]
+        memory: u64,
+        /// GiB.
+        #[arg(long)]
+        disk: u64,
+        #[arg(long)]
+        swap: Option<u64>,
+        #[arg(long)]
+        ssh_key: Option<PathBuf>,
+        #[arg(long)]
+        uuid: Option<String>,
+        /// Not implemented yet (network issue).
+        #[arg(long)]
+        nic: Vec<String>,
+        /// Return at once (state building) instead of waiting for the boot.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    Show {
+        id: String,
+        #[arg(long)]
+        json: bool,
+    },
+    Start {
+        id: String,
+    },
+    Stop {
+        id: String,
+        /// Seconds before SIGKILL.
+        #[arg(long)]
+        timeout: Option<u64>,
+    },
+    Reboot {
+        id: String,
+        #[arg(long)]
+        hard: bool,
+    },
+    Pause {
+        id: String,
+    },
+    Resume {
+        id: String,
+    },
+    Delete {
+        id: String,
+    },
+    /// Console output (the tail of console.log).
+    Console {
+        id: String,
+        #[arg(long, default_value_t = 65536)]
+        bytes: u64,
+    },
+    /// Run a command inside; exits with its exit code.
+    Exec {
+        id: String,
+        #[arg(last = true, required = true)]
+        cmd: Vec<String>,
+    },
+    /// Host resources.
+    Host {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum ImageCmd {
+    /// Convert a VM disk image (qcow2/raw) into the local store.
+    Import {
+        file: PathBuf,
+        #[arg(long)]
+        name: String,
+    },
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() {
+    let args = Args::parse();
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("fatbox: {e}");
+            std::process::exit(1);
+        }
+    };
+    match rt.block_on(run(args)) {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("fatbox: {e:#}");
+            std::process::exit(1);
+        }
+    }
+}
+
+async fn call(c: &Client, method: &str, path: &str, body: Option<Value>) -> anyhow::Result<Value> {
+    let r = c.request(method, path, body.as_ref()).await?;
+    if !r.ok() {
+        bail!("{} ({})", r.error(), r.status);
+    }
+    if r.body.is_empty() {
+        return Ok(Value::Null);
+    }
+    Ok(r.json()?)
+}
+
+fn print_instance(v: &Value) {
+    let s = |k: &str| {
+        v.get(k)
+            .map(|x| x.to_string().trim_matches('"').to_string())
+            .unwrap_or_default()
+    };
+    println!("uuid:        {}", s("uuid"));
+    println!("name:        {}", s("name"));
+    println!("image:       {}", s("image"));
+    println!("state:       {}", s("state"));
+    println!("power_state: {}", s("power_state"));
+    if let Some(f) = v.get("flavor") {
+        println!(
+            "flavor:      {} vcpus, {} MiB, {} GiB",
+            f.get("vcpus").unwrap_or(&Value::Null),
+            f.get("memory_mb").unwrap_or(&Value::Null),
+            f.get("root_gb").unwrap_or(&Value::Null)
+        );
+    }
+    println!("init_pid:    {}", s("init_pid"));
+    if let Some(r) = v.get("reason").filter(|r| !r.is_null()) {
+        println!("reason:      {}", r.as_str().unwrap_or_default());
+    }
+}
+
+fn path_id(id: &str) -> anyhow::Result<&str> {
+    if id.is_empty() || id.contains('/') || id.contains('?') || id.contains('#') {
+        bail!("invalid instance name or uuid {id:?}");
+    }
+    Ok(id)
+}
+
+async fn run(args: Args) -> anyhow::Result<i32> {
+    let c = Client::new(&args.socket);
+    match args.cmd {
+        Cmd::Image {
+            cmd: ImageCmd::Import { file, name },
+        } => {
+            let file = std::fs::canonicalize(&file).with_context(|| file.display().to_string())?;
+            let v = call(
+                &c,
+                "POST",
+                "/v1/images",
+                Some(json!({"file": file, "name": name})),
+            )
+            .await?;
+            println!(
+                "{}",
+                v.get("manifest_digest")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default()
+            );
+        }
+        Cmd::Image {
+            cmd: ImageCmd::List { json },
+        } => {
+            let v = call(&c, "GET", "/v1/images", None).await?;
+            if json {
+                println!("{v:#}");
+            } else {
+                for i in v.as_array().into_iter().flatten() {
+                    println!(
+                        "{}\t{}",
+                        i.get("name").and_then(Value::as_str).unwrap_or_default(),
+                        i.get("manifest_digest")
+                            .and_then(Value::as_str)
+                            .unwrap_or_default()
+                    );
+                }
+            }
+        }
+        Cmd::Run {
+            image,
+            name,
+            vcpus,
+            memory,
+            disk,
+            swap,
+            ssh_key,
+            uuid,
+            nic,
+            no_wait,
+        } => {
+            let mut keys = Vec::new();
+            if let Some(k) = ssh_key {
+                let text = std::fs::read_to_string(&k).with_context(|| k.display().to_string())?;
+                keys.extend(
+                    text.lines()
+                        .filter(|l| !l.trim().is_empty())
+                        .map(str::to_string),
+                );
+            }
+            let nics: Vec<Value> = nic.iter().map(|n| json!({"spec": n})).collect();
+            let body = json!({
+                "name": name, "image": image, "uuid": uuid, "ssh_keys": keys, "nics": nics,
+                "flavor": {"vcpus": vcpus, "memory_mb": memory, "root_gb": disk, "swap_mb": swap.unwrap_or(0)},
+            });
+            let v = call(&c, "POST", "/v1/instances", Some(body)).await?;
+            let uuid = v
+                .get("uuid")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_string();
+            if !no_wait {
+                let deadline = Instant::now() + Duration::from_secs(600);
+                let mut poll = Duration::from_millis(10);
+                let started = Instant::now();
+                loop {
+                    let v = call(&c, "GET", &format!("/v1/instances/{uuid}"), None).await?;
+                    match v.get("state").and_then(Value::as_str) {
+                        Some("running") => break,
+                        Some("error") => bail!(
+                            "instance {uuid} failed: {}",
+                            v.get("reason").and_then(Value::as_str).unwrap_or("unknown")
+                        ),
+                        _ => {}
+                    }
+                    if Instant::now() > deadline {
+                        bail!("instance {uuid} did not come up");
+                    }
+                    // Fast at first (boots take ~1 s), then gentle on a busy host.
+                    tokio::time::sleep(poll).await;
+                    if started.elapsed() > Duration::from_secs(3) {
+                        poll = (poll * 2).min(Duration::from_millis(250));
+                    }
+                }
+            }
+            println!("{uuid}");
+        }
+        Cmd::List { json } => {
+            let v = call(&c, "GET", "/v1/instances", None).await?;
+            if json {
+                println!("{v:#}");
+            } else {
+                println!("{:<36}  {:<20}  {:<10}  INIT", "UUID", "NAME", "STATE");
+                for i in v.as_array().into_iter().flatten() {
+                    let s = |k: &str| {
+                        i.get(k)
+                            .map(|x| x.to_string().trim_matches('"').to_string())
+                            .unwrap_or_default()
+                    };
+                    println!(
+                        "{:<36}  {:<20}  {:<10}  {}",
+                        s("uuid"),
+                        s("name"),
+                        s("state"),
+                        s("init_pid")
+                    );
+                }
+            }
+        }
+        Cmd::Show { id, json } => {
+            let v = call(&c, "GET", &format!("/v1/instances/{}", path_id(&id)?), None).await?;
+            if json {
+                println!("{v:#}");
+            } else {
+                print_instance(&v);
+            }
+        }
+        Cmd::Start { id } => action(&c, &id, json!({"action": "start"})).await?,
+        Cmd::Stop { id, timeout } => {
+            action(&c, &id, json!({"action": "stop", "timeout": timeout})).await?
+        }
+        Cmd::Reboot { id, hard } => {
+            let a = if hard { "reboot_hard" } else { "reboot" };
+            action(&c, &id, json!({"action": a})).await?
+        }
+        Cmd::Pause { id } => action(&c, &id, json!({"action": "pause"})).await?,
+        Cmd::Resume { id } => action(&c, &id, json!({"action": "resume"})).await?,
+        Cmd::Delete { id } => {
+            call(
+                &c,
+                "DELETE",
+                &format!("/v1/instances/{}", path_id(&id)?),
+                None,
+            )
+            .await?;
+        }
+        Cmd::Console { id, bytes } => {
+            let r = c
+                .request(
+                    "GET",
+                    &format!("/v1/instances/{}/console?bytes={bytes}", path_id(&id)?),
+                    None,
+                )
+                .await?;
+            if !r.ok() {
+                bail!("{} ({})", r.error(), r.status);
+            }
+            use std::io::Write;
+            std::io::stdout().write_all(&r.body)?;
+        }
+        Cmd::Exec { id, cmd } => return exec(&c, &id, &cmd).await,
+        Cmd::Host { json } => {
+            let v = call(&c, "GET", "/v1/host", None).await?;
+            if json {
+                println!("{v:#}");
+            } else if let Some(o) = v.as_object() {
+                for (k, val) in o {
+                    println!("{k}: {val}");
+                }
+            }
+        }
+    }
+    Ok(0)
+}
+
+async fn action(c: &Client, id: &str, body: Value) -> anyhow::Result<()> {
+    let v = call(
+        c,
+        "POST",
+        &format!("/v1/instances/{}/actions", path_id(id)?),
+        Some(body),
+    )
+    .await?;
+    println!(
+        "{}",
+        v.get("state").and_then(Value::as_str).unwrap_or_default()
+    );
+    Ok(())
+}
+
+/// Joins the instance's cgroups and namespaces (through nsenter) with our stdio, so the
+/// command runs inside with the instance's limits; returns its exit code.
+async fn exec(c: &Client, id: &str, cmd: &[String]) -> anyhow::Result<i32> {
+    let v = call(c, "GET", &format!("/v1/instances/{}", path_id(id)?), None).await?;
+    if v.get("state").and_then(Value::as_str) != Some("running") {
+        bail!("instance {id} is not running");
+    }
+    let pid = v
+        .get("init_pid")
+        .and_then(Value::as_i64)
+        .and_then(|p| i32::try_from(p).ok())
+        .context("instance has no init pid")?;
+    let me = std::process::id().to_string();
+    for d in v
+        .get("cgroups")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        if let Some(d) = d.as_str() {
+            let p = std::path::Path::new(d).join("cgroup.procs");
+            std::fs::write(&p, &me).with_context(|| p.display().to_string())?;
+        }
+    }
+    let status = std::process::Command::new("nsenter")
+        .args(driver::ops::nsenter_args(pid))
+        .args(cmd)
+        .env_clear()
+        .env(
+            "PATH",
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        )
+        .env(
+            "TERM",
+            std::env::var("TERM").unwrap_or_else(|_| "vt220".into()),
+        )
+        .env("HOME", "/root")
+        .env("container", "fatbox")
+        .status()
+        .context("running nsenter")?;
+    use std::os::unix::process::ExitStatusExt;
+    Ok(status
+        .code()
+        .unwrap_or_else(|| 128 + status.signal().unwrap_or(0)))
+}

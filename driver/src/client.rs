@@ -1,0 +1,83 @@
+//! A minimal HTTP/1 client over the unix socket, for the `fatbox` CLI and the tests.
+
+use crate::error::{Error, Result};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper::Request;
+use hyper_util::rt::TokioIo;
+use std::path::{Path, PathBuf};
+
+pub struct Client {
+    socket: PathBuf,
+}
+
+pub struct Reply {
+    pub status: u16,
+    pub body: Vec<u8>,
+}
+
+impl Reply {
+    pub fn json(&self) -> Result<serde_json::Value> {
+        serde_json::from_slice(&self.body)
+            .map_err(|e| Error::Other(format!("invalid JSON from fatboxd: {e}")))
+    }
+    pub fn ok(&self) -> bool {
+        (200..300).contains(&self.status)
+    }
+    /// The API's error message, or the body.
+    pub fn error(&self) -> String {
+        self.json()
+            .ok()
+            .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_string))
+            .unwrap_or_else(|| String::from_utf8_lossy(&self.body).into_owned())
+    }
+}
+
+impl Client {
+    pub fn new(socket: &Path) -> Client {
+        Client {
+            socket: socket.to_path_buf(),
+        }
+    }
+
+    pub async fn request(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&serde_json::Value>,
+    ) -> Result<Reply> {
+        let stream = tokio::net::UnixStream::connect(&self.socket)
+            .await
+            .map_err(|e| Error::io(&self.socket, e))?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| Error::Other(format!("handshake: {e}")))?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        let data = match body {
+            Some(v) => serde_json::to_vec(v).map_err(|e| Error::Other(e.to_string()))?,
+            None => Vec::new(),
+        };
+        let req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", "fatboxd")
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(data)))
+            .map_err(|e| Error::Other(e.to_string()))?;
+        let resp = sender
+            .send_request(req)
+            .await
+            .map_err(|e| Error::Other(format!("{method} {path}: {e}")))?;
+        let status = resp.status().as_u16();
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| Error::Other(format!("reading reply: {e}")))?
+            .to_bytes()
+            .to_vec();
+        Ok(Reply { status, body })
+    }
+}

@@ -1,0 +1,120 @@
+//! `/etc/fatbox/fatbox.toml` with `FATBOX_*` environment overrides.
+
+use crate::error::{Error, Result};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+pub const DEFAULT_CONFIG: &str = "/etc/fatbox/fatbox.toml";
+pub const DEFAULT_SOCKET: &str = "/run/fatbox/fatboxd.sock";
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/fatbox";
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Config {
+    pub state_dir: PathBuf,
+    pub socket: PathBuf,
+    /// Name of the cgroup directory (under each hierarchy) that holds the instances.
+    pub cgroup_parent: String,
+    /// Seconds a stop waits for systemd to power off before SIGKILL.
+    pub stop_timeout: u64,
+    /// Seconds a boot may take to reach `running`/`degraded`.
+    pub boot_timeout: u64,
+    /// Bytes of console output kept in console.log.
+    pub console_log_max: u64,
+    pub procfs: ProcfsConfig,
+    pub network: NetworkConfig,
+    pub glance: GlanceConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            state_dir: DEFAULT_STATE_DIR.into(),
+            socket: DEFAULT_SOCKET.into(),
+            cgroup_parent: "fatbox".into(),
+            stop_timeout: 30,
+            boot_timeout: 120,
+            console_log_max: 1 << 20,
+            procfs: ProcfsConfig::default(),
+            network: NetworkConfig::default(),
+            glance: GlanceConfig::default(),
+        }
+    }
+}
+
+/// fatbox-procfs integration: when enabled and mounted, its files are bound over /proc/*.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ProcfsConfig {
+    pub enabled: bool,
+    pub mount: PathBuf,
+    pub registry: PathBuf,
+}
+
+impl Default for ProcfsConfig {
+    fn default() -> Self {
+        ProcfsConfig {
+            enabled: true,
+            mount: "/run/fatbox/procfs".into(),
+            registry: "/run/fatbox/procfs.d".into(),
+        }
+    }
+}
+
+/// Filled by the network issue (OVS bridge, standalone VLAN...).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct NetworkConfig {
+    pub bridge: Option<String>,
+}
+
+/// Filled by the image-bridge issue.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct GlanceConfig {
+    pub endpoint: Option<String>,
+}
+
+impl Config {
+    /// Loads `path` (missing is fine only for the default path) and applies `FATBOX_*`
+    /// overrides (`FATBOX_STATE_DIR`, `FATBOX_SOCKET`, `FATBOX_PROCFS__ENABLED`, ...).
+    pub fn load(path: Option<&Path>) -> Result<Config> {
+        let (file, required) = match path {
+            Some(p) => (p.to_path_buf(), true),
+            None => (PathBuf::from(DEFAULT_CONFIG), false),
+        };
+        let built = config::Config::builder()
+            .add_source(config::File::from(file.clone()).required(required))
+            .add_source(
+                config::Environment::with_prefix("FATBOX")
+                    .prefix_separator("_")
+                    .separator("__")
+                    .try_parsing(true),
+            )
+            .build()
+            .map_err(|e| Error::Config(format!("{}: {e}", file.display())))?;
+        let cfg: Config = built
+            .try_deserialize()
+            .map_err(|e| Error::Config(format!("{}: {e}", file.display())))?;
+        if cfg.cgroup_parent.is_empty()
+            || cfg.cgroup_parent.contains("..")
+            || cfg.cgroup_parent.starts_with('/')
+        {
+            return Err(Error::Config(format!(
+                "cgroup_parent {:?} must be a relative path",
+                cfg.cgroup_parent
+            )));
+        }
+        Ok(cfg)
+    }
+
+    pub fn instances_dir(&self) -> PathBuf {
+        self.state_dir.join("instances")
+    }
+    pub fn images_dir(&self) -> PathBuf {
+        self.state_dir.join("images")
+    }
+    pub fn layers_dir(&self) -> PathBuf {
+        self.state_dir.join("layers")
+    }
+}

@@ -1,0 +1,236 @@
+//! The per-instance disk: a sparse ext4 image on an autoclear loop device holding the
+//! overlayfs upper/work dirs, and the overlay rootfs on top of the image layers.
+
+use crate::error::{io, Error, Result};
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use std::fs::OpenOptions;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+const LOOP_CTL_GET_FREE: libc::c_ulong = 0x4C82;
+const LOOP_CONFIGURE: libc::c_ulong = 0x4C0A;
+const LO_FLAGS_AUTOCLEAR: u32 = 4;
+
+#[repr(C)]
+struct LoopInfo64 {
+    lo_device: u64,
+    lo_inode: u64,
+    lo_rdevice: u64,
+    lo_offset: u64,
+    lo_sizelimit: u64,
+    lo_number: u32,
+    lo_encrypt_type: u32,
+    lo_encrypt_key_size: u32,
+    lo_flags: u32,
+    lo_file_name: [u8; 64],
+    lo_crypt_name: [u8; 64],
+    lo_encrypt_key: [u8; 32],
+    lo_init: [u64; 2],
+}
+
+#[repr(C)]
+struct LoopConfig {
+    fd: u32,
+    block_size: u32,
+    info: LoopInfo64,
+    reserved: [u64; 8],
+}
+
+pub struct Paths {
+    pub image: PathBuf,
+    pub disk_mnt: PathBuf,
+    pub rootfs: PathBuf,
+}
+
+impl Paths {
+    pub fn new(dir: &Path) -> Paths {
+        Paths {
+            image: dir.join("disk.img"),
+            disk_mnt: dir.join("disk"),
+            rootfs: dir.join("rootfs"),
+        }
+    }
+}
+
+/// Creates the sparse disk image and its filesystem (first boot only).
+pub fn create_disk(path: &Path, root_gb: u64) -> Result<()> {
+    let size = root_gb
+        .checked_mul(1 << 30)
+        .ok_or_else(|| Error::Invalid("root_gb overflows".into()))?;
+    let f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .map_err(io(path))?;
+    f.set_len(size).map_err(io(path))?;
+    drop(f);
+    // No lazy init threads writing zeroes behind our back, no journal checksum cost: the disk
+    // is private and the host page cache holds it.
+    run(Command::new("mkfs.ext4")
+        .args([
+            "-q",
+            "-F",
+            "-m",
+            "0",
+            "-E",
+            "lazy_itable_init=1,lazy_journal_init=1",
+        ])
+        .arg(path))
+}
+
+/// Attaches `image` to a free loop device with autoclear (detached when unmounted).
+fn attach_loop(image: &Path) -> Result<(std::fs::File, PathBuf)> {
+    let backing = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(image)
+        .map_err(io(image))?;
+    let ctl = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/loop-control")
+        .map_err(io("/dev/loop-control"))?;
+    // Parallel boots would all get the same free device from GET_FREE: one at a time here;
+    // other processes (losetup, mount -o loop) can still race us, hence the retries.
+    static ATTACH: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _g = ATTACH.lock().unwrap_or_else(|p| p.into_inner());
+    let mut last = String::new();
+    for _ in 0..64 {
+        // SAFETY: LOOP_CTL_GET_FREE takes no argument and returns a device number.
+        let n = unsafe { libc::ioctl(ctl.as_raw_fd(), LOOP_CTL_GET_FREE) };
+        if n < 0 {
+            return Err(Error::io(
+                "/dev/loop-control",
+                std::io::Error::last_os_error(),
+            ));
+        }
+        let dev = PathBuf::from(format!("/dev/loop{n}"));
+        let lf = match OpenOptions::new().read(true).write(true).open(&dev) {
+            Ok(f) => f,
+            Err(e) => {
+                last = e.to_string();
+                continue;
+            }
+        };
+        let fd =
+            u32::try_from(backing.as_raw_fd()).map_err(|_| Error::Other("negative fd".into()))?;
+        let cfg = LoopConfig {
+            fd,
+            block_size: 0,
+            info: LoopInfo64 {
+                lo_device: 0,
+                lo_inode: 0,
+                lo_rdevice: 0,
+                lo_offset: 0,
+                lo_sizelimit: 0,
+                lo_number: 0,
+                lo_encrypt_type: 0,
+                lo_encrypt_key_size: 0,
+                lo_flags: LO_FLAGS_AUTOCLEAR,
+                lo_file_name: [0; 64],
+                lo_crypt_name: [0; 64],
+                lo_encrypt_key: [0; 32],
+                lo_init: [0; 2],
+            },
+            reserved: [0; 8],
+        };
+        // SAFETY: cfg is a properly laid out struct loop_config that outlives the call.
+        let r = unsafe { libc::ioctl(lf.as_raw_fd(), LOOP_CONFIGURE, &cfg as *const LoopConfig) };
+        if r == 0 {
+            return Ok((lf, dev));
+        }
+        last = std::io::Error::last_os_error().to_string();
+    }
+    Err(Error::Other(format!(
+        "no loop device for {}: {last}",
+        image.display()
+    )))
+}
+
+pub fn is_mountpoint(path: &Path) -> bool {
+    let Ok(m) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
+    let p = path.to_string_lossy();
+    m.lines()
+        .any(|l| l.split(' ').nth(4).is_some_and(|mp| mp == p))
+}
+
+/// Mounts the disk and the overlay rootfs (idempotent).
+pub fn mount_rootfs(paths: &Paths, lowers_top_first: &[PathBuf]) -> Result<()> {
+    for d in [&paths.disk_mnt, &paths.rootfs] {
+        std::fs::create_dir_all(d).map_err(io(d))?;
+    }
+    if !is_mountpoint(&paths.disk_mnt) {
+        let (loopf, dev) = attach_loop(&paths.image)?;
+        let r = mount(
+            Some(&dev),
+            &paths.disk_mnt,
+            Some("ext4"),
+            MsFlags::MS_NOATIME,
+            None::<&str>,
+        );
+        // The mount holds the device now; closing ours lets autoclear detach it at umount.
+        drop(loopf);
+        r.map_err(|e| {
+            Error::sys(
+                format!("mount {} on {}", dev.display(), paths.disk_mnt.display()),
+                e,
+            )
+        })?;
+    }
+    let upper = paths.disk_mnt.join("upper");
+    let work = paths.disk_mnt.join("work");
+    for d in [&upper, &work] {
+        std::fs::create_dir_all(d).map_err(io(d))?;
+    }
+    if !is_mountpoint(&paths.rootfs) {
+        let lower = lowers_top_first
+            .iter()
+            .map(|p| p.to_string_lossy().into_owned())
+            .collect::<Vec<_>>()
+            .join(":");
+        let opts = format!(
+            "lowerdir={lower},upperdir={},workdir={}",
+            upper.display(),
+            work.display()
+        );
+        mount(
+            Some("overlay"),
+            &paths.rootfs,
+            Some("overlay"),
+            MsFlags::empty(),
+            Some(opts.as_str()),
+        )
+        .map_err(|e| Error::sys(format!("overlay on {}", paths.rootfs.display()), e))?;
+    }
+    Ok(())
+}
+
+/// Unmounts the overlay and the disk (the loop device goes with it: autoclear).
+pub fn unmount_rootfs(paths: &Paths) -> Result<()> {
+    for p in [&paths.rootfs, &paths.disk_mnt] {
+        // Submounts could exist if someone bound into the rootfs; detach everything under.
+        while is_mountpoint(p) {
+            umount2(p.as_path(), MntFlags::MNT_DETACH)
+                .map_err(|e| Error::sys(format!("umount {}", p.display()), e))?;
+        }
+    }
+    Ok(())
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    let out = cmd.output().map_err(|e| Error::Command {
+        cmd: format!("{cmd:?}"),
+        msg: e.to_string(),
+    })?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(Error::Command {
+            cmd: format!("{cmd:?}"),
+            msg: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        })
+    }
+}

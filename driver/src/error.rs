@@ -1,0 +1,60 @@
+//! Typed errors of the runtime; the API maps each kind to an HTTP status.
+
+use std::path::PathBuf;
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{what}: {source}")]
+    Sys {
+        what: String,
+        #[source]
+        source: nix::Error,
+    },
+    /// The request is malformed or asks for something impossible (HTTP 400).
+    #[error("invalid request: {0}")]
+    Invalid(String),
+    #[error("not found: {0}")]
+    NotFound(String),
+    /// The request conflicts with the current state (HTTP 409).
+    #[error("conflict: {0}")]
+    Conflict(String),
+    #[error("configuration: {0}")]
+    Config(String),
+    #[error("image: {0}")]
+    Image(#[from] guestfs_tools::Error),
+    #[error("command {cmd} failed: {msg}")]
+    Command { cmd: String, msg: String },
+    #[error("timed out: {0}")]
+    Timeout(String),
+    #[error("{0}")]
+    Other(String),
+}
+
+impl Error {
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+
+    pub fn sys(what: impl Into<String>, source: nix::Error) -> Self {
+        Error::Sys {
+            what: what.into(),
+            source,
+        }
+    }
+}
+
+/// `map_err` helper for std I/O results on a path.
+pub fn io<P: Into<PathBuf>>(path: P) -> impl FnOnce(std::io::Error) -> Error {
+    move |e| Error::io(path, e)
+}

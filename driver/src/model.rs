@@ -1,0 +1,246 @@
+//! The instance model, its state machine and its atomically written state.json.
+
+use crate::error::{io, Error, Result};
+use serde::{Deserialize, Serialize};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// Upper bounds that catch typos and hostile requests before they reach the kernel.
+pub const MAX_VCPUS: u32 = 1024;
+pub const MAX_MEMORY_MB: u64 = 16 << 20;
+pub const MAX_ROOT_GB: u64 = 64 << 10;
+pub const MIN_MEMORY_MB: u64 = 32;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Flavor {
+    pub vcpus: u32,
+    pub memory_mb: u64,
+    pub root_gb: u64,
+    #[serde(default)]
+    pub swap_mb: u64,
+}
+
+impl Flavor {
+    pub fn validate(&self) -> Result<()> {
+        if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
+            return Err(Error::Invalid(format!(
+                "vcpus must be 1..={MAX_VCPUS}, got {}",
+                self.vcpus
+            )));
+        }
+        if self.memory_mb < MIN_MEMORY_MB || self.memory_mb > MAX_MEMORY_MB {
+            return Err(Error::Invalid(format!(
+                "memory_mb must be {MIN_MEMORY_MB}..={MAX_MEMORY_MB}, got {}",
+                self.memory_mb
+            )));
+        }
+        if self.root_gb == 0 || self.root_gb > MAX_ROOT_GB {
+            return Err(Error::Invalid(format!(
+                "root_gb must be 1..={MAX_ROOT_GB}, got {}",
+                self.root_gb
+            )));
+        }
+        if self.swap_mb > MAX_MEMORY_MB {
+            return Err(Error::Invalid(format!(
+                "swap_mb {} is absurd",
+                self.swap_mb
+            )));
+        }
+        Ok(())
+    }
+
+    pub fn memory_bytes(&self) -> Result<u64> {
+        self.memory_mb
+            .checked_mul(1 << 20)
+            .ok_or_else(|| Error::Invalid("memory overflows".into()))
+    }
+}
+
+/// Nova's vm_state values we use.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum VmState {
+    Building,
+    Running,
+    Paused,
+    Suspended,
+    Shutoff,
+    Rescued,
+    Error,
+    Deleting,
+}
+
+impl VmState {
+    /// nova.compute.power_state for this state.
+    pub fn power_state(self) -> PowerState {
+        match self {
+            VmState::Running => PowerState::Running,
+            VmState::Paused => PowerState::Paused,
+            VmState::Suspended => PowerState::Suspended,
+            VmState::Shutoff => PowerState::Shutdown,
+            VmState::Error => PowerState::Crashed,
+            VmState::Building | VmState::Rescued | VmState::Deleting => PowerState::NoState,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum PowerState {
+    NoState = 0,
+    Running = 1,
+    Paused = 3,
+    Shutdown = 4,
+    Crashed = 6,
+    Suspended = 7,
+}
+
+impl PowerState {
+    pub fn code(self) -> u8 {
+        self as u8
+    }
+}
+
+/// The process that runs a booted instance, with the start time that makes a pid unique.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ProcId {
+    pub pid: i32,
+    /// Field 22 of /proc/PID/stat (clock ticks since host boot).
+    pub start_time: u64,
+}
+
+impl ProcId {
+    pub fn of(pid: i32) -> Option<ProcId> {
+        proc_start_time(pid).map(|start_time| ProcId { pid, start_time })
+    }
+    /// True while this very process (not a recycled pid) exists and is not a zombie.
+    pub fn alive(&self) -> bool {
+        proc_start_time(self.pid) == Some(self.start_time)
+    }
+}
+
+/// Start time of a live (non-zombie) process.
+pub fn proc_start_time(pid: i32) -> Option<u64> {
+    if pid <= 0 {
+        return None;
+    }
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // comm may hold spaces and parentheses: fields start after the last ')'.
+    let rest = stat.get(stat.rfind(')')?.checked_add(2)?..)?;
+    let mut fields = rest.split_whitespace();
+    let state = fields.next()?;
+    if state == "Z" || state == "X" {
+        return None;
+    }
+    // rest starts at field 3; start time is field 22.
+    fields.nth(18)?.parse().ok()
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Instance {
+    pub uuid: String,
+    pub name: String,
+    pub image: String,
+    /// Digests of the image's layers, bottom first.
+    pub layers: Vec<String>,
+    pub flavor: Flavor,
+    pub state: VmState,
+    #[serde(default)]
+    pub reason: Option<String>,
+    #[serde(default)]
+    pub ssh_keys: Vec<String>,
+    #[serde(default)]
+    pub nics: Vec<serde_json::Value>,
+    /// Seam for the user-namespace issue: when true, root is mapped to a host range.
+    #[serde(default)]
+    pub userns: bool,
+    #[serde(default)]
+    pub monitor: Option<ProcId>,
+    #[serde(default)]
+    pub init: Option<ProcId>,
+    pub created_at: u64,
+    #[serde(default)]
+    pub booted_at: Option<u64>,
+}
+
+pub fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Names become hostnames and directory-free identifiers: RFC 1123 labels only.
+pub fn validate_name(name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-');
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::Invalid(format!(
+            "name {name:?}: use 1-63 letters, digits and inner '-' (it becomes the hostname)"
+        )))
+    }
+}
+
+impl Instance {
+    pub fn power_state(&self) -> PowerState {
+        self.state.power_state()
+    }
+
+    pub fn state_file(dir: &Path) -> PathBuf {
+        dir.join("state.json")
+    }
+
+    pub fn load(dir: &Path) -> Result<Instance> {
+        let p = Self::state_file(dir);
+        let data = std::fs::read(&p).map_err(io(&p))?;
+        serde_json::from_slice(&data).map_err(|e| Error::Other(format!("{}: {e}", p.display())))
+    }
+
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        let data = serde_json::to_vec_pretty(self).map_err(|e| Error::Other(e.to_string()))?;
+        write_atomic(&Self::state_file(dir), &data)
+    }
+
+    /// The JSON the API and `fatbox show --json` return.
+    pub fn view(&self) -> serde_json::Value {
+        serde_json::json!({
+            "uuid": self.uuid,
+            "name": self.name,
+            "image": self.image,
+            "state": self.state,
+            "reason": self.reason,
+            "power_state": self.power_state().code(),
+            "flavor": self.flavor,
+            "nics": self.nics,
+            "init_pid": self.init.as_ref().filter(|p| p.alive()).map(|p| p.pid),
+            "monitor_pid": self.monitor.as_ref().filter(|p| p.alive()).map(|p| p.pid),
+            "created_at": self.created_at,
+            "booted_at": self.booted_at,
+        })
+    }
+}
+
+/// Write to a temp file in the same directory, fsync it, rename over, fsync the directory:
+/// a crash leaves either the old or the new content.
+pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
+    let dir = path
+        .parent()
+        .ok_or_else(|| Error::Other(format!("{} has no parent", path.display())))?;
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".tmp-")
+        .tempfile_in(dir)
+        .map_err(io(dir))?;
+    tmp.write_all(data).map_err(io(path))?;
+    tmp.as_file().sync_all().map_err(io(path))?;
+    tmp.persist(path)
+        .map_err(|e| Error::io(path.to_path_buf(), e.error))?;
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
