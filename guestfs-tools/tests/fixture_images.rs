@@ -233,7 +233,7 @@ fn container_init(ancestor: u32) -> Option<u32> {
             .lines()
             .find(|l| l.starts_with("NSpid:"))
             .unwrap_or("");
-        if !nspid.split_whitespace().last().is_some_and(|p| p == "1")
+        if nspid.split_whitespace().last().is_none_or(|p| p != "1")
             || nspid.split_whitespace().count() < 3
         {
             continue;
