@@ -1,71 +1,110 @@
 #!/usr/bin/env bash
-# fatbox quick start: from a fresh Debian bookworm machine (root) to a real VM disk turned into
-# a container image that boots systemd. Re-runnable; `./quickstart.sh --clean` removes what it
-# made. Until fatboxd lands (issue 4) the boot step uses systemd-nspawn as the runtime.
+# fatbox quick start: from a fresh Debian bookworm machine (root) to a real qcow2 VM disk booted
+# as a fat container by fatboxd (systemd as PID 1, sshd, flavor limits).
+# Re-runnable; `./quickstart.sh --clean` removes everything it made.
+# Embedded defaults: state in /var/lib/fatbox/quickstart, API socket /run/fatbox/quickstart.sock.
 set -euo pipefail
 cd "$(dirname "$0")"
 STATE=${FATBOX_QUICKSTART_DIR:-/var/lib/fatbox/quickstart}
-step() { printf '\n\033[1m==> %s\033[0m\n' "$*" >&2; }
-fail() { echo "quickstart: step '$CURRENT' failed: $*" >&2; exit 1; }
+RUN=/run/fatbox/quickstart
+SOCK=$RUN.sock
+BIN=$PWD/target/release
 CURRENT=start
-trap 'fail "command exited with $? (see above)"' ERR
+step() { CURRENT=$*; printf '\n\033[1m==> %s\033[0m\n' "$*" >&2; }
+fail() { echo "quickstart: step '$CURRENT' failed: $*" >&2; exit 1; }
+trap 'fail "command exited with status $? (see above; daemon logs in $RUN.*.log)"' ERR
+
+fatbox() { "$BIN/fatbox" --socket "$SOCK" "$@"; }
+
+start_daemons() {
+  mkdir -p "$RUN.d" "$STATE"
+  if ! { [ -f "$RUN.procfs.pid" ] && kill -0 "$(cat "$RUN.procfs.pid")" 2>/dev/null; }; then
+    "$BIN/fatbox-procfs" serve --mount "$RUN.procfs" --registry "$RUN.d/procfs" \
+      --keeper-socket "$RUN.keeper.sock" >"$RUN.procfs.log" 2>&1 &
+    echo $! > "$RUN.procfs.pid"
+  fi
+  cat > "$STATE/fatbox.toml" <<TOML
+state_dir = "$STATE"
+socket = "$SOCK"
+cgroup_parent = "fatbox-quickstart"
+[procfs]
+enabled = true
+mount = "$RUN.procfs"
+registry = "$RUN.d/procfs"
+TOML
+  if ! { [ -f "$RUN.fatboxd.pid" ] && kill -0 "$(cat "$RUN.fatboxd.pid")" 2>/dev/null; }; then
+    setsid "$BIN/fatboxd" --config "$STATE/fatbox.toml" >"$RUN.fatboxd.log" 2>&1 < /dev/null &
+    echo $! > "$RUN.fatboxd.pid"
+  fi
+  for _ in $(seq 1 100); do [ -S "$SOCK" ] && break; sleep 0.1; done
+  [ -S "$SOCK" ] || fail "fatboxd did not open $SOCK (see $RUN.fatboxd.log)"
+}
+
+stop_daemons() {
+  for d in fatboxd procfs; do
+    if [ -f "$RUN.$d.pid" ]; then
+      pid=$(cat "$RUN.$d.pid")
+      kill -TERM "$pid" 2>/dev/null || true
+      for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+      rm -f "$RUN.$d.pid"
+    fi
+  done
+  [ -x "$BIN/fatbox-procfs" ] && "$BIN/fatbox-procfs" shutdown --mount "$RUN.procfs" \
+    --keeper-socket "$RUN.keeper.sock" >/dev/null 2>&1 || true
+  mountpoint -q "$RUN.procfs" 2>/dev/null && umount -l "$RUN.procfs" || true
+}
 
 if [ "${1:-}" = "--clean" ]; then
-  CURRENT=clean
-  step "removing $STATE"
-  rm -rf --one-file-system "$STATE"
-  echo "clean: nothing of the quick start is left (fixture cache in /var/cache/fatbox-fixtures is kept; remove it by hand if you want)"
+  step "removing the quick start's instances, daemons and state"
+  if [ -S "$SOCK" ] || [ -d "$STATE/instances" ]; then
+    start_daemons 2>/dev/null || true
+    for n in qs-1 qs-2; do fatbox delete "$n" >/dev/null 2>&1 || true; done
+  fi
+  stop_daemons
+  for cg in /sys/fs/cgroup/*/fatbox-quickstart; do [ -d "$cg" ] && rmdir "$cg" 2>/dev/null || true; done
+  rm -rf --one-file-system "$STATE" "$RUN.d" "$RUN".*.log "$RUN.procfs" "$SOCK"
+  rmdir /run/fatbox 2>/dev/null || true
+  echo "clean: no quick-start instance, daemon, mount or state is left"
   exit 0
 fi
 [ "$(id -u)" = 0 ] || { echo "quickstart: run as root" >&2; exit 2; }
 
-CURRENT="install packages"; step "$CURRENT"
+step "install packages"
 bash tests/deps.sh
 
-CURRENT="build fatbox (release)"; step "$CURRENT"
-cargo build --release -p guestfs-tools --bin fatbox-img
-IMG=target/release/fatbox-img
+step "build fatbox (release)"
+cargo build --release -q -p guestfs-tools -p driver -p procfs-fuse
 
-CURRENT="build or reuse the demo VM disk (debootstrap bookworm, qcow2)"; step "$CURRENT"
+step "build or reuse the demo VM disk (debootstrap bookworm → qcow2)"
 FIX=$(bash tests/fixtures/build-guest-images.sh | tail -n 1)
 DISK="$FIX/v3.qcow2"
-echo "VM disk: $DISK ($(du -h --apparent-size "$DISK" | cut -f1) apparent, $(du -h "$DISK" | cut -f1) on disk)"
+echo "VM disk: $DISK"
+"$BIN/fatbox-img" inspect "$DISK"
 
-CURRENT="inspect the VM disk"; step "$CURRENT"
-"$IMG" inspect "$DISK"
+step "start fatbox-procfs and fatboxd"
+start_daemons
 
-CURRENT="convert it to a layered OCI image"; step "$CURRENT"
-mkdir -p "$STATE"
-rm -rf "$STATE/oci" "$STATE/rootfs"
-"$IMG" convert "$DISK" "$STATE/oci" --name debian-12
+step "import the VM disk (qcow2 → OCI layers, once)"
+if ! fatbox image list --json | grep -q '"debian-12"'; then
+  fatbox image import "$DISK" --name debian-12
+fi
+fatbox image list
 
-CURRENT="unpack the image"; step "$CURRENT"
-"$IMG" unpack "$STATE/oci" "$STATE/rootfs" --name debian-12
+step "boot two fat containers (1 vCPU / 512 MiB / 2 GiB, and 2 vCPU / 1 GiB / 3 GiB)"
+[ -f "$STATE/id_ed25519" ] || ssh-keygen -q -t ed25519 -N '' -f "$STATE/id_ed25519"
+for n in qs-1 qs-2; do fatbox delete "$n" >/dev/null 2>&1 || true; done
+t0=$(date +%s.%N)
+fatbox run --image debian-12 --name qs-1 --vcpus 1 --memory 512 --disk 2 --ssh-key "$STATE/id_ed25519.pub"
+t1=$(date +%s.%N)
+fatbox run --image debian-12 --name qs-2 --vcpus 2 --memory 1024 --disk 3 --ssh-key "$STATE/id_ed25519.pub"
+python3 -c "print(f'qs-1: API call to systemd running in {$t1-$t0:.2f} s')"
+fatbox list
 
-CURRENT="boot it (systemd as PID 1)"; step "$CURRENT"
-machine="fatbox-qs-$$"
-start=$(date +%s.%N)
-systemd-nspawn --register=no --keep-unit --private-network --quiet --console=passive \
-  -M "$machine" -b -D "$STATE/rootfs" >"$STATE/console.log" 2>&1 &
-nspawn=$!
-cleanup() { kill -TERM "$nspawn" 2>/dev/null || true; wait "$nspawn" 2>/dev/null || true; }
-trap cleanup EXIT
-init=""
-for _ in $(seq 1 600); do
-  for c in $(pgrep -P "$nspawn" 2>/dev/null); do
-    for g in $c $(pgrep -P "$c" 2>/dev/null); do
-      if grep -qE '^NSpid:\s+[0-9]+\s+1$' "/proc/$g/status" 2>/dev/null; then init=$g; fi
-    done
-  done
-  [ -n "$init" ] && break
-  sleep 0.1
+for n in qs-1 qs-2; do
+  step "inside $n (what an operator sees)"
+  fatbox exec "$n" -- sh -c 'echo "hostname: $(hostname)"; echo "system: $(systemctl is-system-running)"; echo "failed units: $(systemctl --failed --no-legend | wc -l)"; echo "machine-id: $(cat /etc/machine-id)"; echo "nproc: $(nproc)"; free -m; df -h /; ss -ltn | grep -q ":22 " && echo "sshd: listening on :22"'
 done
-[ -n "$init" ] || fail "the container's init did not start (see $STATE/console.log)"
-state=$(timeout 120 nsenter -t "$init" -a systemctl is-system-running --wait || true)
-end=$(date +%s.%N)
-printf 'boot to "%s" in %.2f s\n' "$state" "$(echo "$end - $start" | bc 2>/dev/null || python3 -c "print($end-$start)")"
-nsenter -t "$init" -a systemctl --failed --no-legend --plain || true
-nsenter -t "$init" -a sh -c 'echo "hostname: $(hostname)"; echo "machine-id: $(cat /etc/machine-id)"; ls /etc/ssh/ssh_host_*_key.pub; systemctl is-active ssh'
-[ "$state" = running ] || fail "systemd reports '$state' (see $STATE/console.log)"
+
 echo
-echo "quickstart: OK — the VM disk boots as a fat container. Clean up with: ./quickstart.sh --clean"
+echo "quickstart: OK. Try: $BIN/fatbox --socket $SOCK exec qs-1 -- systemctl status"
+echo "Clean up with: ./quickstart.sh --clean"
