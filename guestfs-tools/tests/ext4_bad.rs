@@ -3,7 +3,8 @@
 mod ext4_common;
 
 use ext4_common::*;
-use guestfs_tools::ext4::{fuzz_one, Ext4, MemDevice};
+use guestfs_tools::block::MemDevice;
+use guestfs_tools::ext4::{fuzz_one, Ext4};
 use guestfs_tools::Error;
 use std::fs;
 use std::io::Read;
@@ -175,7 +176,7 @@ fn truncated_image() {
     ] {
         let part = data.get(..keep).unwrap_or(&data).to_vec();
         fuzz_one(&part);
-        let dev: guestfs_tools::block::Device = Arc::new(MemDevice(part));
+        let dev: guestfs_tools::block::Device = Arc::new(MemDevice::new(part, "mem"));
         if let Ok(fs_) = Ext4::open(dev) {
             let _ = fs_.read_dir(2);
         }

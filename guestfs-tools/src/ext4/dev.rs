@@ -1,84 +1,14 @@
-//! Test and fuzz helpers: simple block devices and the fuzz entry point.
+//! The fuzz entry point (test devices come from the block layer: `MemDevice`, `RawImage`).
 
 use super::{Ext4, FileType, ROOT_INO};
-use crate::block::{BlockDevice, ImageInfo};
-use crate::{Error, Result};
-use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use crate::block::MemDevice;
 use std::sync::Arc;
-
-/// A device backed by bytes in memory.
-#[doc(hidden)]
-pub struct MemDevice(pub Vec<u8>);
-
-impl BlockDevice for MemDevice {
-    fn size(&self) -> u64 {
-        self.0.len() as u64
-    }
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        let src = usize::try_from(offset)
-            .ok()
-            .and_then(|o| self.0.get(o..o.checked_add(buf.len())?))
-            .ok_or_else(|| Error::corrupt("read past the end of the device", offset))?;
-        buf.copy_from_slice(src);
-        Ok(())
-    }
-    fn format(&self) -> &'static str {
-        "raw"
-    }
-    fn chain(&self) -> Vec<ImageInfo> {
-        Vec::new()
-    }
-}
-
-/// A device backed by a plain file (read with pread).
-#[doc(hidden)]
-pub struct FileDevice {
-    file: std::fs::File,
-    size: u64,
-    path: PathBuf,
-}
-
-impl FileDevice {
-    pub fn open(path: &Path) -> Result<FileDevice> {
-        let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-        let size = file.metadata().map_err(|e| Error::io(path, e))?.len();
-        Ok(FileDevice {
-            file,
-            size,
-            path: path.to_path_buf(),
-        })
-    }
-}
-
-impl BlockDevice for FileDevice {
-    fn size(&self) -> u64 {
-        self.size
-    }
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        if offset
-            .checked_add(buf.len() as u64)
-            .is_none_or(|e| e > self.size)
-        {
-            return Err(Error::corrupt("read past the end of the device", offset));
-        }
-        self.file
-            .read_exact_at(buf, offset)
-            .map_err(|e| Error::io(&self.path, e))
-    }
-    fn format(&self) -> &'static str {
-        "raw"
-    }
-    fn chain(&self) -> Vec<ImageInfo> {
-        Vec::new()
-    }
-}
 
 /// Fuzz entry: opens `data` as a filesystem and walks it with bounded work. Must never
 /// panic, hang or allocate without bound whatever the input.
 #[doc(hidden)]
 pub fn fuzz_one(data: &[u8]) {
-    let dev: crate::block::Device = Arc::new(MemDevice(data.to_vec()));
+    let dev: crate::block::Device = Arc::new(MemDevice::new(data.to_vec(), "fuzz.img"));
     if !Ext4::probe(dev.as_ref()) {
         return;
     }

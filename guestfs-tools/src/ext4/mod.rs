@@ -14,7 +14,7 @@ mod sb;
 mod xattr;
 
 #[doc(hidden)]
-pub use dev::{fuzz_one, FileDevice, MemDevice};
+pub use dev::fuzz_one;
 
 use crate::block::{BlockDevice, Device};
 use crate::{Error, Result};

@@ -2,7 +2,8 @@
 #![allow(dead_code)]
 
 use guestfs_tools::block::Device;
-use guestfs_tools::ext4::{Ext4, FileDevice};
+use guestfs_tools::block::RawImage;
+use guestfs_tools::ext4::Ext4;
 use sha2::{Digest, Sha256};
 use std::path::Path;
 use std::process::Command;
@@ -41,7 +42,7 @@ pub fn mkfs(kind: &str, opts: &[&str], src: &Path, img: &Path, size_mb: u32) {
 }
 
 pub fn open(img: &Path) -> Ext4 {
-    let dev: Device = Arc::new(FileDevice::open(img).expect("open image"));
+    let dev: Device = Arc::new(RawImage::open(img).expect("open image"));
     Ext4::open(dev).expect("open ext fs")
 }
 
