@@ -53,7 +53,7 @@ enum Cmd {
         /// Name of the image in the layout (index.json ref name).
         #[arg(long, default_value = "latest")]
         name: String,
-        /// Layer compression: zstd or gzip.
+        /// Layer compression: none (plain tar, for a local store), zstd or gzip (for upload).
         #[arg(long, default_value = "zstd")]
         compression: String,
         /// Compression level (zstd -7..19, gzip 1-9). 1 keeps zstd near disk speed on small hosts.

@@ -270,22 +270,35 @@ impl LayerSink {
         if ok {
             Ok(())
         } else {
-            // A consumer stopped: its own error (disk full, ...) is reported by finish().
-            Err(std::io::Error::new(
-                std::io::ErrorKind::BrokenPipe,
-                "layer writer stopped",
-            ))
+            Err(self.stopped())
         }
+    }
+
+    /// Why a consumer stopped early (the blob write failed: disk full, ...): its own error,
+    /// so the user sees the cause rather than a broken pipe.
+    fn stopped(&mut self) -> std::io::Error {
+        self.to_hash = None;
+        self.to_blob = None;
+        let why = match self.blob.take().map(JoinHandle::join) {
+            Some(Ok(Err(e))) => e,
+            Some(Err(_)) => std::io::Error::other("layer writer thread panicked"),
+            _ => std::io::Error::new(std::io::ErrorKind::BrokenPipe, "layer writer stopped"),
+        };
+        if let Some(h) = self.hasher.take() {
+            let _ = h.join();
+        }
+        why
     }
 
     fn join(&mut self) -> Result<((String, u64), BlobDone)> {
         self.to_hash = None;
         self.to_blob = None;
         let panicked = || Error::Other("layer writer thread panicked".into());
-        let blob = self
-            .blob
-            .take()
-            .ok_or_else(panicked)?
+        let Some(blob) = self.blob.take() else {
+            let why = self.stopped();
+            return Err(Error::io(&self.blobs, why));
+        };
+        let blob = blob
             .join()
             .map_err(|_| panicked())?
             .map_err(io(&self.blobs))?;
@@ -339,8 +352,8 @@ impl Write for LayerSink {
 impl Drop for LayerSink {
     fn drop(&mut self) {
         // Abandoned (an error upstream): stop the threads; the temp file deletes itself.
-        if self.blob.is_some() {
-            let _ = self.join();
+        if self.blob.is_some() || self.hasher.is_some() {
+            let _ = self.stopped();
         }
     }
 }
