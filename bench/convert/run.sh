@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Convert benchmark (issue 2): a qcow2 VM disk holding >= 1 GiB of real files, converted by
-#   1. fatbox-img convert            (disk → OCI image, tar+zstd layers)
+#   1. fatbox-img convert            (disk → OCI image, tar+zstd layers; and uncompressed layers)
 #   2. qemu-img convert -O raw       (the block-layer floor: no filesystem work, no compression)
 #   3. qemu-img convert + loop mount + tar | zstd   (what a script would do; needs a kernel mount)
 # in the same run, warm page cache, each run REPS times (median). Prints a markdown table and
@@ -18,7 +18,7 @@ cleanup() {
 }
 trap cleanup EXIT
 cargo build --release -q -p guestfs-tools --bin fatbox-img
-IMG=$PWD/target/release/fatbox-img
+IMG=${CARGO_TARGET_DIR:-$PWD/target}/release/fatbox-img
 FIX=$(bash tests/fixtures/build-guest-images.sh | tail -n 1)
 
 # A guest tree of >= 1 GiB of real files: the fixture's Debian tree plus real binaries and
@@ -52,10 +52,15 @@ PY
 median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 
 cat "$WORK/disk.qcow2" > /dev/null   # warm the page cache
-ours=(); raw=(); loop=(); rss_ours=0; rss_raw=0; rss_loop=0
+load_before=$(cut -d' ' -f1-3 /proc/loadavg)
+ours=(); plain=(); raw=(); loop=(); rss_ours=0; rss_plain=0; rss_raw=0; rss_loop=0
 for _ in $(seq "$REPS"); do
   rm -rf "$WORK/oci"
   read -r t r < <(measure "$IMG" convert --no-source-digest "$WORK/disk.qcow2" "$WORK/oci"); ours+=("$t"); rss_ours=$r
+  base_tar=$(du -sm "$WORK/oci/blobs" | cut -f1)
+  rm -rf "$WORK/oci"
+  read -r t r < <(measure "$IMG" convert --no-source-digest --compression none "$WORK/disk.qcow2" "$WORK/oci"); plain+=("$t"); rss_plain=$r
+  rm -rf "$WORK/oci"
   rm -f "$WORK/out.raw"
   read -r t r < <(measure qemu-img convert -O raw "$WORK/disk.qcow2" "$WORK/out.raw"); raw+=("$t"); rss_raw=$r
   rm -f "$WORK/out.raw" "$WORK/loop.tar.zst"
@@ -71,9 +76,9 @@ SH
   rm -f "$WORK/out.raw"
 done
 t_ours=$(printf '%s\n' "${ours[@]}" | median)
+t_plain=$(printf '%s\n' "${plain[@]}" | median)
 t_raw=$(printf '%s\n' "${raw[@]}" | median)
 t_loop=$(printf '%s\n' "${loop[@]}" | median)
-base_tar=$(python3 -c "import json;m=json.load(open('$WORK/oci/index.json'));print('ok')" >/dev/null; du -sm "$WORK/oci/blobs" | cut -f1)
 row() { python3 -c "
 t=$2; print(f'| $1 | {t:.2f} s | {$DATA_MIB/t:.0f} MiB/s | {$3/1024:.0f} MiB | {t/$t_raw:.2f}× |')"; }
 {
@@ -82,8 +87,10 @@ t=$2; print(f'| $1 | {t:.2f} s | {$DATA_MIB/t:.0f} MiB/s | {$3/1024:.0f} MiB | {
   echo "| path | time | files MiB/s | peak RSS | vs qemu-img raw |"
   echo "|---|---|---|---|---|"
   row "fatbox-img convert (OCI, tar+zstd, 2 layers)" "$t_ours" "$rss_ours"
+  row "fatbox-img convert --compression none" "$t_plain" "$rss_plain"
   row "qemu-img convert -O raw (block floor)" "$t_raw" "$rss_raw"
   row "qemu-img raw + loop mount + tar + zstd" "$t_loop" "$rss_loop"
   echo
-  echo "OCI blobs written: ${base_tar} MiB. Goal: ≤ 1.5× qemu-img raw, faster than the loop-mount path, RSS < 200 MiB."
+  echo "OCI blobs written (zstd): ${base_tar} MiB. Load average before: ${load_before}, after: $(cut -d' ' -f1-3 /proc/loadavg)."
+  echo "Goal: ≤ 1.5× qemu-img raw, faster than the loop-mount path, RSS < 200 MiB."
 } | tee "$OUT/convert.md"
