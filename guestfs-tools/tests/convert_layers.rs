@@ -76,7 +76,9 @@ fn image(oci: &Path, name: &str) -> (serde_json::Value, serde_json::Value) {
     let manifest = read_json(&blob(oci, desc["digest"].as_str().expect("digest")));
     let config = read_json(&blob(
         oci,
-        manifest["config"]["digest"].as_str().expect("config digest"),
+        manifest["config"]["digest"]
+            .as_str()
+            .expect("config digest"),
     ));
     (manifest, config)
 }
@@ -133,7 +135,11 @@ fn none_zstd_and_gzip_layers_hold_the_same_tar_under_the_right_media_type() {
                     run_ok(Command::new(t).arg("-dc").arg(blob(&oci, digest))).stdout
                 }
             };
-            assert_eq!(&sha256_hex(&tar), diff_id, "{comp}: diff_id is the tar's digest");
+            assert_eq!(
+                &sha256_hex(&tar),
+                diff_id,
+                "{comp}: diff_id is the tar's digest"
+            );
         }
         diff_ids.push(ids);
     }
