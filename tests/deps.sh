@@ -12,7 +12,10 @@ if [ ${#missing[@]} -gt 0 ]; then
   echo "tests/deps.sh: installing ${missing[*]}" >&2
   export DEBIAN_FRONTEND=noninteractive
   # Several installers (CI steps, helpers, the quick start) may run at once: wait for dpkg's lock.
-  apt-get -o DPkg::Lock::Timeout=900 update -qq
+  for _ in $(seq 60); do
+    apt-get -o DPkg::Lock::Timeout=900 update -qq && break
+    sleep 10  # the lists lock has no timeout option: another apt-get update is running
+  done
   # openvswitch-switch's postinst tries to start OVS through the init system; on a machine
   # whose PID 1 is not systemd that fails harmlessly, our harness starts its own daemons.
   apt-get -o DPkg::Lock::Timeout=900 install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
