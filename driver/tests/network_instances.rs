@@ -351,3 +351,81 @@ fn instances_on_ovs_vlans() {
         state.display()
     );
 }
+
+/// `cargo test --release -p driver --test network_instances -- --ignored --nocapture`:
+/// `fatbox run` → running without and with a NIC, and → ssh accepting with one
+/// (FATBOX_NET_RUNS runs each, default 3).
+#[test]
+#[ignore]
+fn boot_timing_with_and_without_nic() {
+    let runs: usize = std::env::var("FATBOX_NET_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
+    let ovs = Ovs::start();
+    let d = Daemon::start_with_network(&format!(
+        "ovsdb = \"{}\"\nintegration_bridge = \"{}\"\n",
+        ovs.endpoint(),
+        ovs.bridge
+    ));
+    let qcow = common::fixtures().join("v3.qcow2");
+    d.ok(&[
+        "image",
+        "import",
+        qcow.to_str().expect("path"),
+        "--name",
+        "deb",
+    ]);
+    let key = d.dir.path().join("id_ed25519");
+    run_ok(
+        "ssh-keygen",
+        &[
+            "-q",
+            "-t",
+            "ed25519",
+            "-N",
+            "",
+            "-f",
+            key.to_str().expect("key"),
+        ],
+    );
+    let pubkey = d.dir.path().join("id_ed25519.pub");
+    let h = Host::new(&ovs, 100, "10.20.0.100/24");
+    // Warm the layer cache so the first measured run is not the odd one out.
+    run_vm(&d, "warm", &pubkey, &[]);
+    d.ok(&["delete", "warm"]);
+    let mut rows = Vec::new();
+    for i in 0..runs {
+        let (_, plain) = run_vm(&d, "plain", &pubkey, &[]);
+        d.ok(&["delete", "plain"]);
+        let ip = format!("10.20.0.{}", 10 + i);
+        let t = Instant::now();
+        run_vm(&d, "nic", &pubkey, &[&format!("vlan=100,ip={ip}/24")]);
+        let running = t.elapsed();
+        poll("ssh", Duration::from_secs(60), || {
+            h.ssh(&key, &ip).status.success().then_some(())
+        });
+        let ssh = t.elapsed();
+        d.ok(&["delete", "nic"]);
+        rows.push((plain, running, ssh));
+    }
+    let log = std::fs::read_to_string(d.dir.path().join("fatboxd.log")).unwrap_or_default();
+    let plug: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("VIFs plugged"))
+        .filter_map(|l| l.split("ms=").nth(1))
+        .filter_map(|r| r.split_whitespace().next())
+        .collect();
+    eprintln!("| run | no NIC → running | --nic → running | --nic → ssh accepting |");
+    eprintln!("|---|---|---|---|");
+    for (i, (p, r, s)) in rows.iter().enumerate() {
+        eprintln!(
+            "| {} | {:.2} s | {:.2} s | {:.2} s |",
+            i + 1,
+            p.as_secs_f64(),
+            r.as_secs_f64(),
+            s.as_secs_f64()
+        );
+    }
+    eprintln!("plug + guest config inside the boot (ms): {plug:?}");
+}
