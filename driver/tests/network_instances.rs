@@ -409,7 +409,18 @@ fn boot_timing_with_and_without_nic() {
         d.ok(&["delete", "nic"]);
         rows.push((plain, running, ssh));
     }
-    let log = std::fs::read_to_string(d.dir.path().join("fatboxd.log")).unwrap_or_default();
+    let raw = std::fs::read_to_string(d.dir.path().join("fatboxd.log")).unwrap_or_default();
+    // tracing colours field names even into a file.
+    let mut log = String::new();
+    let mut esc = false;
+    for c in raw.chars() {
+        match (esc, c) {
+            (false, '\x1b') => esc = true,
+            (true, 'm') => esc = false,
+            (true, _) => {}
+            (false, c) => log.push(c),
+        }
+    }
     let plug: Vec<&str> = log
         .lines()
         .filter(|l| l.contains("VIFs plugged"))
