@@ -290,6 +290,40 @@ fn instances_on_ovs_vlans() {
     ]);
     assert!(!dup.status.success(), "duplicate port id accepted");
     assert!(String::from_utf8_lossy(&dup.stderr).contains("(409)"));
+
+    // The API with a Nova-style VIF object (what the Nova driver sends): MTU applied inside.
+    let api = |method: &str, path: &str, body: Option<serde_json::Value>| {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let c = driver::client::Client::new(&d.socket);
+        rt.block_on(c.request(method, path, body.as_ref()))
+            .expect("API call")
+    };
+    let vif = serde_json::json!({"nic": {
+        "port_id": "0b9d6c1e-5f3a-4c2e-9d1b-7a6e5f4c3b2a", "vlan": 100, "mtu": 1400,
+        "ips": ["10.50.0.6/24"], "mac": "fa:16:3e:00:00:6c"}});
+    let r = api("POST", "/v1/instances/vm-b/interfaces", Some(vif));
+    assert_eq!(r.status, 201, "{}", r.error());
+    let v = r.json().expect("json");
+    assert_eq!(v["ifname"], "eth1");
+    assert_eq!(v["tap"], "tap0b9d6c1e-5f");
+    let link = d.exec("vm-b", "ip -o link show eth1");
+    assert!(
+        link.contains("mtu 1400") && link.contains("fa:16:3e:00:00:6c"),
+        "{link}"
+    );
+    let path = "/v1/instances/vm-b/interfaces/0b9d6c1e-5f3a-4c2e-9d1b-7a6e5f4c3b2a";
+    assert_eq!(api("DELETE", path, None).status, 204);
+    assert_eq!(api("DELETE", path, None).status, 404);
+    let bad = api(
+        "POST",
+        "/v1/instances/vm-b/interfaces",
+        Some(serde_json::json!({"nic": {"vlan": 100, "ips": ["10.50.0.6/24"], "mtu": 60}})),
+    );
+    assert_eq!(bad.status, 400, "{}", bad.error());
+    assert_eq!(d.show("vm-b")["nics"].as_array().map(Vec::len), Some(1));
     d.ok(&["interface-detach", "vm-a", &port2]);
     assert!(
         !d.exec("vm-a", "ip -o link").contains("eth1"),
