@@ -341,8 +341,39 @@ fn instances_on_ovs_vlans() {
     d.ok(&["stop", "vm-b"]);
     assert!(!ovs.ports().contains(&tap_b), "port kept while powered off");
     assert!(host_links(&tap_b).is_empty(), "veth kept while powered off");
+    // Attached while powered off: plugged at the next boot as eth1, configured by the guest.
+    let port3 = d
+        .ok(&[
+            "interface-attach",
+            "vm-b",
+            "--nic",
+            "vlan=200,ip=10.60.0.6/24",
+        ])
+        .trim()
+        .to_string();
+    let tap3 = format!("tap{}", &port3[..11]);
+    assert!(!ovs.ports().contains(&tap3), "plugged while powered off");
     d.ok(&["start", "vm-b"]);
     assert!(ovs.ports().contains(&tap_b));
+    assert!(d
+        .exec("vm-b", "ip -o addr show eth1")
+        .contains("10.60.0.6/24"));
+    run_ok(
+        "ip",
+        &[
+            "-n",
+            &h200.ns.name,
+            "addr",
+            "add",
+            "10.60.0.200/24",
+            "dev",
+            "h0",
+        ],
+    );
+    h200.ns.wait_ping("10.60.0.6");
+    d.ok(&["interface-detach", "vm-b", &port3]);
+    assert!(!ovs.ports().contains(&tap3));
+    assert!(!h200.ns.ping("10.60.0.6"));
     wait_guest_ping(&d, "vm-a", "10.20.0.6");
     d.ok(&["reboot", "vm-a"]);
     wait_guest_ping(&d, "vm-b", "10.20.0.5");
