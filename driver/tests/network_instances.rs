@@ -333,6 +333,28 @@ fn instances_on_ovs_vlans() {
     assert!(host_links(&tap2).is_empty(), "veth left after detach");
     assert!(!h200.ns.ping("10.40.0.5"));
 
+    // Hot-plug cycles leak nothing: no OVS port, host veth or guest device left.
+    let before = ovs.ports().len();
+    for i in 0..10 {
+        let p = d
+            .ok(&[
+                "interface-attach",
+                "vm-a",
+                "--nic",
+                &format!("vlan=300,ip=10.70.0.{}/24", i + 1),
+            ])
+            .trim()
+            .to_string();
+        assert!(d
+            .exec("vm-a", "ip -o addr show eth1")
+            .contains(&format!("10.70.0.{}/24", i + 1)));
+        d.ok(&["interface-detach", "vm-a", &p]);
+        assert!(host_links(&format!("tap{}", &p[..11])).is_empty());
+    }
+    assert_eq!(ovs.ports().len(), before, "ports leaked by hot-plug cycles");
+    let devs = d.exec("vm-a", "ls /sys/class/net");
+    assert_eq!(devs.split_whitespace().collect::<Vec<_>>(), ["eth0", "lo"]);
+
     // Stop/start and reboot keep the NIC (same port, MAC and address).
     let tap_b = nic_of(&d, "vm-b", 0)["tap"]
         .as_str()
