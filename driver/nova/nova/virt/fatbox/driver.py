@@ -25,7 +25,6 @@ from oslo_utils import versionutils
 import nova.conf
 from nova.compute import power_state
 from nova.compute import task_states
-from nova.console import type as ctype
 from nova import exception
 from nova.objects import diagnostics as diagnostics_obj
 from nova.objects import fields as obj_fields
