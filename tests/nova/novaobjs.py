@@ -2,6 +2,8 @@
 database (sqlite, Nova's own fixtures), NeutronFixture, a keypair, flavors, instances."""
 
 import base64
+import genericpath
+import io
 import os
 import subprocess
 import time
@@ -19,6 +21,7 @@ from nova.virt import fake
 from nova.virt.fatbox import driver as fbdriver
 
 objects.register_all()
+_isdir = genericpath.isdir
 
 USER_DATA = b"#!/bin/sh\necho user-data-ran > /var/tmp/user-data-ran\n"
 
@@ -40,6 +43,10 @@ class DriverTestBase(test.TestCase):
 
     def setUp(self):
         super().setUp()
+        # Nova's unit-test base poisons reads under /sys (its tests must not see the host's
+        # hardware); these tests are about this host, and the driver reads instance cgroups.
+        self.useFixture(fixtures.MonkeyPatch("builtins.open", io.open))
+        self.useFixture(fixtures.MonkeyPatch("os.path.isdir", _isdir))
         self.fb = harness.daemon()
         self.flags(socket=str(self.fb.socket), group="fatbox")
         # The tests call poll_events_once themselves; no background thread.
@@ -87,7 +94,6 @@ class DriverTestBase(test.TestCase):
             hostname=hostname,
             display_name=hostname,
             host="fatbox-test",
-            node="fatbox-test",
             flavor=flavor,
             instance_type_id=flavor.id,
             vcpus=flavor.vcpus,

@@ -258,6 +258,8 @@ class FatboxDriverTest(DriverTestBase):
         self.assertEqual("running", diags.state)
         self.assertEqual(1, len(diags.cpu_details))
         self.assertEqual(512, diags.memory_details.maximum)
+        self.assertGreater(diags.memory_details.used, 0)
+        self.assertGreater(diags.cpu_details[0].time, 0)
         self.assertIn("memory", self.driver.get_diagnostics(inst))
 
         # Power operations, each seen in get_info.

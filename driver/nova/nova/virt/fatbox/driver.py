@@ -537,54 +537,67 @@ class FatboxDriver(driver.ComputeDriver):
         # Needs a TCP endpoint on the console pty for nova-serialproxy; fatboxd has none yet.
         raise exception.ConsoleTypeUnavailable(console_type="serial")
 
-    def _cgroup_read(self, view, name):
+    @staticmethod
+    def _cgroup_files(view, name):
+        """Contents of `name` in each of the instance's cgroup dirs that has it (a hybrid
+        v1 host lists one dir per controller plus the unified one)."""
+        out = []
         for d in view.get("cgroups") or []:
-            p = os.path.join(d, name)
             try:
-                with open(p) as f:
-                    return f.read()
+                with open(os.path.join(d, name)) as f:
+                    out.append(f.read())
             except OSError:
                 continue
-        return None
+        return out
+
+    def _cpu_ns(self, view):
+        for stat in self._cgroup_files(view, "cpu.stat"):
+            for line in stat.splitlines():
+                k, _, v = line.partition(" ")
+                if k == "usage_usec":
+                    return int(v) * 1000
+        for usage in self._cgroup_files(view, "cpuacct.usage"):
+            if usage.strip().isdigit():
+                return int(usage)
+        return 0
+
+    def _mem_bytes(self, view):
+        for name in ("memory.current", "memory.usage_in_bytes"):
+            for v in self._cgroup_files(view, name):
+                if v.strip().isdigit() and int(v) > 0:
+                    return int(v)
+        return 0
 
     def get_diagnostics(self, instance, **kwargs):
         view = self._show(instance)
-        out = {"state": view.get("state"), "memory": view["flavor"]["memory_mb"] * 1024}
-        stat = self._cgroup_read(view, "cpu.stat")
-        for line in (stat or "").splitlines():
-            k, _, v = line.partition(" ")
-            if k == "usage_usec":
-                out["cpu0_time"] = int(v) * 1000
-        mem = self._cgroup_read(view, "memory.current")
-        if mem:
-            out["memory-actual"] = int(mem) // 1024
-        return out
+        return {
+            "state": view.get("state"),
+            "memory": int(view["flavor"]["memory_mb"]) * 1024,
+            "memory-actual": self._mem_bytes(view) // 1024,
+            "cpu0_time": self._cpu_ns(view),
+        }
 
     def get_instance_diagnostics(self, instance, **kwargs):
         view = self._show(instance)
         booted = view.get("booted_at")
         uptime = int(time.time() - booted) if booted and view.get("state") == "running" else 0
+        # `driver` is a closed enum (libvirt, xenapi, ...) without fatbox: left unset.
         diags = diagnostics_obj.Diagnostics(
             state=power_state.STATE_MAP.get(view.get("power_state"), "pending"),
-            driver="fatbox",
             hypervisor=HV_TYPE,
             hypervisor_os="linux",
             uptime=uptime,
             config_drive=bool(view.get("config_drive")),
         )
-        usage = 0
-        for line in (self._cgroup_read(view, "cpu.stat") or "").splitlines():
-            k, _, v = line.partition(" ")
-            if k == "usage_usec":
-                usage = int(v) * 1000
+        # The cgroup accounts CPU time for the whole instance, not per vCPU.
+        usage = self._cpu_ns(view)
         for i in range(int(view["flavor"]["vcpus"])):
             diags.add_cpu(id=i, time=usage if i == 0 else 0)
         for nic in view.get("nics") or []:
             if isinstance(nic, dict) and nic.get("mac"):
                 diags.add_nic(mac_address=nic["mac"])
-        used = self._cgroup_read(view, "memory.current")
         diags.memory_details = diagnostics_obj.MemoryDiagnostics(
-            maximum=int(view["flavor"]["memory_mb"]), used=int(used) >> 20 if used else 0
+            maximum=int(view["flavor"]["memory_mb"]), used=self._mem_bytes(view) >> 20
         )
         return diags
 
