@@ -311,13 +311,34 @@ class FatboxDriverTest(DriverTestBase):
         self.assertNotIn(inst.uuid, self.driver.list_instance_uuids())
         self.assertFalse((self.fb.state / "instances" / inst.uuid).exists())
 
+    def _cpu_limit(self, inst):
+        """CPUs the instance's cgroup allows (cpu.max on v2, cfs quota on v1)."""
+        for d in self.fb.client().show(inst.uuid)["cgroups"]:
+            try:
+                with open(os.path.join(d, "cpu.max")) as f:
+                    quota, period = f.read().split()
+                    if quota != "max":
+                        return int(quota) / int(period)
+            except OSError:
+                pass
+            try:
+                with open(os.path.join(d, "cpu.cfs_quota_us")) as f:
+                    quota = int(f.read())
+                with open(os.path.join(d, "cpu.cfs_period_us")) as f:
+                    period = int(f.read())
+                if quota > 0:
+                    return quota / period
+            except OSError:
+                pass
+        return None
+
     def test_resize_and_ops_behind_routes(self):
         """Resize 1 -> 2 vCPUs through Nova's same-host flow; snapshot/rescue/attach either
         work or say NotImplementedError (their fatboxd routes land separately)."""
         inst = self._instance(hostname="vm-resize")
         self._spawn(inst)
         name = fbdriver.FatboxDriver.fatbox_name(inst)
-        self.assertEqual("1", self.fb.exec(name, "nproc").strip())
+        self.assertEqual(1.0, self._cpu_limit(inst))
         new = self._flavor("fb.2", 2)
         self.driver.migrate_disk_and_power_off(self.ctxt, inst, "fatbox-test", new, [])
         self.assertEqual(power_state.SHUTDOWN, self._state(inst))
@@ -331,9 +352,10 @@ class FatboxDriverTest(DriverTestBase):
             self.assertEqual(power_state.RUNNING, self._state(inst))
         else:
             self.assertEqual(power_state.RUNNING, self._state(inst))
-            harness.wait_until(
-                lambda: self.fb.exec(name, "nproc").strip() == "2", 30, "nproc 2"
-            )
+            self.assertEqual(2, self.fb.client().show(inst.uuid)["flavor"]["vcpus"])
+            self.assertEqual(2.0, self._cpu_limit(inst))
+            # nproc follows when fatbox-procfs serves cpu/online (not run by this suite).
+            print(f"nproc after resize: {self.fb.exec(name, 'nproc').strip()}")
             self.driver.confirm_migration(self.ctxt, None, inst, [])
 
         calls = []
@@ -361,6 +383,8 @@ class FatboxDriverTest(DriverTestBase):
         self.assertFalse(self.driver.instance_exists(inst))
 
         # A Neutron port: plugged when fatboxd has networking, else refused cleanly.
+        # (Nova's test config sets vif_plugging_timeout to 0, which disables the wait.)
+        self.flags(vif_plugging_timeout=300)
         inst2 = self._instance(hostname="vm-net")
         vif = vif_from_neutron(NEUTRON_PORT, NEUTRON_NETWORK, NEUTRON_SUBNETS)
         try:
