@@ -25,9 +25,7 @@ fn rel_path(p: &str) -> Result<PathBuf> {
     let path = Path::new(p);
     let ok = !p.is_empty()
         && p.len() <= 1024
-        && path
-            .components()
-            .all(|c| matches!(c, Component::Normal(_)));
+        && path.components().all(|c| matches!(c, Component::Normal(_)));
     if ok {
         Ok(path.to_path_buf())
     } else {

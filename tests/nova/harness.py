@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[2]
 # (GlanceFixture's image behind nova.tests.unit.utils.get_test_instance).
 IMAGE_ID = "5f1d7a8e-6c0e-4d6f-9a53-0c2f6f1e7b11"
 NOVA_TEST_IMAGE_ID = "cedef40a-ed67-4d10-800e-17455edce175"
+CLOUDINIT_IMAGE_ID = "c1d0c1d0-7e57-4c1d-9a11-0000000c1d00"
 
 
 def bin_dir():
@@ -39,6 +40,19 @@ def fixtures():
         check=True,
         stdout=subprocess.PIPE,
         text=True,
+    ).stdout
+    return Path(out.strip().splitlines()[-1])
+
+
+def cloudinit_qcow2():
+    """tests/fixtures/build-cloudinit-image.sh's qcow2 (built once, cached)."""
+    env = dict(os.environ, FATBOX_FIXTURES=str(fixtures()))
+    out = subprocess.run(
+        ["bash", str(ROOT / "tests/fixtures/build-cloudinit-image.sh")],
+        check=True,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
     ).stdout
     return Path(out.strip().splitlines()[-1])
 
@@ -162,6 +176,18 @@ def daemon():
         _daemon = d
         atexit.register(stop_daemon)
     return _daemon
+
+
+_cloudinit_imported = False
+
+
+def daemon_with_cloudinit():
+    global _cloudinit_imported
+    d = daemon()
+    if not _cloudinit_imported:
+        d.import_image(CLOUDINIT_IMAGE_ID, cloudinit_qcow2())
+        _cloudinit_imported = True
+    return d
 
 
 def stop_daemon():

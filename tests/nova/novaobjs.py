@@ -122,9 +122,9 @@ class DriverTestBase(test.TestCase):
         except Exception as e:  # noqa: BLE001
             print(f"cleanup destroy {inst.uuid}: {e}")
 
-    def _image_meta(self):
+    def _image_meta(self, image_id=harness.IMAGE_ID):
         return objects.ImageMeta.from_dict({
-            "id": harness.IMAGE_ID,
+            "id": image_id,
             "name": "debian-12-fixture",
             "disk_format": "qcow2",
             "container_format": "bare",
@@ -136,10 +136,10 @@ class DriverTestBase(test.TestCase):
     def _state(self, inst):
         return self.driver.get_info(inst).state
 
-    def _spawn(self, inst, network_info=None):
+    def _spawn(self, inst, network_info=None, image_id=harness.IMAGE_ID):
         t = time.monotonic()
         self.driver.spawn(
-            self.ctxt, inst, self._image_meta(), [("/etc/motd-nova", b"injected\n")],
+            self.ctxt, inst, self._image_meta(image_id), [("/etc/motd-nova", b"injected\n")],
             "s3cret-admin", {}, network_info=network_info or network_model.NetworkInfo([]),
         )
         return time.monotonic() - t

@@ -311,6 +311,28 @@ class FatboxDriverTest(DriverTestBase):
         self.assertNotIn(inst.uuid, self.driver.list_instance_uuids())
         self.assertFalse((self.fb.state / "instances" / inst.uuid).exists())
 
+    def test_cloudinit_user_data_and_keys(self):
+        """The cloud-init variant of the fixture: cloud-init picks the config drive at
+        /config-drive, runs user_data, installs the keypair for the default user and sets
+        the hostname from meta_data."""
+        self.fb = harness.daemon_with_cloudinit()
+        inst = self._instance(hostname="vm-ci")
+        took = self._spawn(inst, image_id=harness.CLOUDINIT_IMAGE_ID)
+        print(f"spawn (cloud-init image) -> RUNNING: {took:.2f} s")
+        name = fbdriver.FatboxDriver.fatbox_name(inst)
+
+        def ran():
+            p = self.fb.fatbox("exec", name, "--", "cat", "/var/tmp/user-data-ran", check=False)
+            return p.returncode == 0 and p.stdout.strip() == "user-data-ran"
+
+        harness.wait_until(ran, 180, "user_data to run")
+        ds = self.fb.exec(name, "cloud-init query platform 2>/dev/null; cloud-init query subplatform 2>/dev/null")
+        print(f"cloud-init datasource: {ds.strip()}")
+        self.assertIn("/config-drive", ds)
+        self.assertEqual("vm-ci", self.fb.exec(name, "hostname").strip())
+        keys = self.fb.exec(name, "cat /home/debian/.ssh/authorized_keys /root/.ssh/authorized_keys 2>/dev/null")
+        self.assertIn(self.pubkey.split()[1], keys)
+
     def _cpu_limit(self, inst):
         """CPUs the instance's cgroup allows (cpu.max on v2, cfs quota on v1)."""
         for d in self.fb.client().show(inst.uuid)["cgroups"]:
