@@ -6,10 +6,14 @@ what fatbox does not do (live migration, volumes, VNC/SPICE consoles).
 Two variants:
 - FatboxConnectionTestCase: Nova's test case unchanged (its instances have one OVS VIF, so
   spawn needs fatboxd's networking and an OVS integration bridge);
-- FatboxConnectionNoNetTestCase: the same tests with spawn given no VIF, to see what the
-  driver does with a running instance where no OVS runs.
+- FatboxConnectionNoNetTestCase: the same tests with spawn given no VIF and
+  [fatbox] config_drive = False, to see what the driver does with a running instance where
+  no OVS runs.
 """
 
+import io
+
+import fixtures
 from nova.network import model as network_model
 from nova import test
 from nova.tests.unit import utils as test_utils
@@ -26,6 +30,8 @@ class FatboxConnectionTestCase(tvd._VirtDriverTestCase, test.TestCase):
         self.driver_module = "nova.virt.fatbox.FatboxDriver"
         fb = harness.daemon()
         super().setUp()
+        # Nova's TestCase poisons reads under /sys; the driver reads the instance's cgroups.
+        self.useFixture(fixtures.MonkeyPatch("builtins.open", io.open))
         self.flags(socket=str(fb.socket), event_poll_interval=0, group="fatbox")
         # The driver was built in super().setUp() with the default socket.
         self.connection.client = fbclient.Client(str(fb.socket))
@@ -43,6 +49,12 @@ class FatboxConnectionTestCase(tvd._VirtDriverTestCase, test.TestCase):
 
 
 class FatboxConnectionNoNetTestCase(FatboxConnectionTestCase):
+    def setUp(self):
+        super().setUp()
+        # Nova's get_test_instance() rows cannot lazy-load keypairs/EC2 ids the way
+        # InstanceMetadata needs (InstanceNotFound): no metadata drive in this variant.
+        self.flags(config_drive=False, group="fatbox")
+
     def _get_running_instance(self, obj=True):
         instance_ref = test_utils.get_test_instance(obj=obj)
         image_meta = test_utils.get_test_image_object(None, instance_ref)

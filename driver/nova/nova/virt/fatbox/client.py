@@ -67,8 +67,16 @@ class Client:
         conn = _UnixHTTPConnection(self.socket_path, timeout or self.timeout)
         try:
             try:
-                conn.request(method, path, body=data, headers=headers)
-                resp = conn.getresponse()
+                try:
+                    conn.request(method, path, body=data, headers=headers)
+                    resp = conn.getresponse()
+                except BrokenPipeError:
+                    # The server may answer (404 for an unknown route) and close before
+                    # reading the body: its answer is still in our receive buffer.
+                    if conn.sock is None:
+                        raise
+                    resp = http.client.HTTPResponse(conn.sock, method=method)
+                    resp.begin()
                 payload = resp.read()
             except (OSError, http.client.HTTPException) as e:
                 raise Unreachable(None, f"fatboxd at {self.socket_path}: {e}", method, path) from e

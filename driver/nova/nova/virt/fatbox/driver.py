@@ -378,8 +378,7 @@ class FatboxDriver(driver.ComputeDriver):
         provider_tree.update_inventory(nodename, inventory)
 
     def get_volume_connector(self, instance, **kwargs):
-        # No volumes yet; Nova asks for a connector on some teardown paths all the same.
-        return {"ip": CONF.my_ip, "host": CONF.host}
+        raise _not_implemented("volumes")
 
     # -- instances --------------------------------------------------------------------
 
@@ -529,13 +528,15 @@ class FatboxDriver(driver.ComputeDriver):
 
     def get_console_output(self, context, instance, **kwargs):
         try:
-            return self.client.console(instance.uuid)
+            data = self.client.console(instance.uuid)
         except fbclient.NotFound:
             raise exception.InstanceNotFound(instance_id=instance.uuid)
+        # latin-1 maps bytes 1:1, so the manager's encode("latin-1") gets the bytes back.
+        return data.decode("latin-1")
 
     def get_serial_console(self, context, instance, **kwargs):
         # Needs a TCP endpoint on the console pty for nova-serialproxy; fatboxd has none yet.
-        raise exception.ConsoleTypeUnavailable(console_type="serial")
+        raise _not_implemented("serial consoles")
 
     @staticmethod
     def _cgroup_files(view, name):
@@ -684,7 +685,12 @@ class FatboxDriver(driver.ComputeDriver):
     def snapshot(self, context, instance, image_id, update_task_state, **kwargs):
         """The instance keeps running: fatboxd snapshots the upper layer + disk and
         uploads to Glance itself (image bridge)."""
-        self._show(instance)
+        try:
+            view = self._show(instance)
+        except exception.InstanceNotFound:
+            raise exception.InstanceNotRunning(instance_id=instance.uuid)
+        if view.get("state") not in ("running", "paused", "shutoff"):
+            raise exception.InstanceNotRunning(instance_id=instance.uuid)
         update_task_state(task_state=task_states.IMAGE_PENDING_UPLOAD)
         update_task_state(
             task_state=task_states.IMAGE_UPLOADING,
