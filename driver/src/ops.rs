@@ -49,6 +49,7 @@ pub struct Manager {
     pub cfg: Config,
     instances: Mutex<HashMap<String, Instance>>,
     locks: Mutex<HashMap<String, Arc<Mutex<()>>>>,
+    pub(crate) net: crate::vifs::NetState,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -64,6 +65,7 @@ impl Manager {
             cfg,
             instances: Mutex::new(HashMap::new()),
             locks: Mutex::new(HashMap::new()),
+            net: Default::default(),
         }))
     }
 
@@ -71,7 +73,7 @@ impl Manager {
         self.cfg.instances_dir().join(uuid)
     }
 
-    fn op_lock(&self, uuid: &str) -> Arc<Mutex<()>> {
+    pub(crate) fn op_lock(&self, uuid: &str) -> Arc<Mutex<()>> {
         lock(&self.locks)
             .entry(uuid.to_string())
             .or_default()
@@ -100,7 +102,7 @@ impl Manager {
         v
     }
 
-    fn update(&self, uuid: &str, f: impl FnOnce(&mut Instance)) -> Result<Instance> {
+    pub(crate) fn update(&self, uuid: &str, f: impl FnOnce(&mut Instance)) -> Result<Instance> {
         let mut g = lock(&self.instances);
         let inst = g
             .get_mut(uuid)
@@ -126,11 +128,7 @@ impl Manager {
                 "userns: not implemented yet (user-namespace issue)".into(),
             ));
         }
-        if !req.nics.is_empty() {
-            return Err(Error::Invalid(
-                "nics: networking is not implemented yet (network issue)".into(),
-            ));
-        }
+        let nics = crate::vifs::parse_nics(&req.nics)?;
         let uuid = match &req.uuid {
             Some(u) => uuid::Uuid::parse_str(u)
                 .map_err(|e| Error::Invalid(format!("uuid {u:?}: {e}")))?
@@ -139,6 +137,7 @@ impl Manager {
             None => uuid::Uuid::new_v4().hyphenated().to_string(),
         };
         let image = images::lookup(&self.cfg, &req.image)?;
+        self.precheck_nics(&uuid, &nics)?;
         let drive = req
             .config_drive
             .as_ref()
@@ -160,7 +159,7 @@ impl Manager {
             state: VmState::Building,
             reason: None,
             ssh_keys: req.ssh_keys.clone(),
-            nics: req.nics.clone(),
+            nics,
             userns: req.userns,
             config_drive: drive.is_some(),
             monitor: None,
@@ -245,6 +244,7 @@ impl Manager {
         let t_disk = t0.elapsed();
         disk::mount_rootfs(&paths, &lowers)?;
         write_identity(&paths.rootfs, &inst)?;
+        self.plug_vifs(&inst, &paths.rootfs)?;
         let cg = self.cgroups(uuid);
         cg.create(&inst.flavor)?;
         let mut spec = RuntimeSpec {
@@ -350,6 +350,9 @@ impl Manager {
         let cg = self.cgroups(uuid);
         cg.kill_all();
         crate::procfs::unregister(&self.cfg.procfs, uuid);
+        if let Err(e) = self.get(uuid).and_then(|i| self.unplug_vifs(&i)) {
+            tracing::warn!(uuid, error = %e, "unplugging VIFs failed");
+        }
         disk::unmount_rootfs(&Paths::new(&self.dir(uuid)))?;
         cg.remove()?;
         self.update(uuid, |i| {
@@ -366,6 +369,8 @@ impl Manager {
         self.set_state(&inst.uuid, VmState::Deleting, None)?;
         // Nova's destroy is a hard power-off.
         self.stop_locked(&inst.uuid, Duration::ZERO)?;
+        // Again, failing this time: ports left behind once the state is gone would leak.
+        self.unplug_vifs(&inst)?;
         let dir = self.dir(&inst.uuid);
         std::fs::remove_dir_all(&dir).map_err(io(&dir))?;
         lock(&self.instances).remove(&inst.uuid);
