@@ -3,7 +3,8 @@
 # Idempotent and quick when everything is there already.
 set -euo pipefail
 pkgs=(debootstrap fdisk e2fsprogs qemu-utils zstd attr acl libcap2-bin python3 systemd-container
-      fuse3 lxcfs openvswitch-switch iproute2 procps psmisc util-linux openssh-client skopeo umoci)
+      fuse3 lxcfs openvswitch-switch iproute2 procps psmisc util-linux openssh-client skopeo umoci
+      curl python3-venv)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -62,6 +62,9 @@ pub fn router(m: Mgr) -> Router {
         .route("/v1/instances/{id}/console", get(console))
         .route("/v1/host", get(host))
         .route("/v1/images", get(list_images).post(import_image))
+        .route("/v1/images/pull", post(pull_image))
+        .route("/v1/images/pull/{id}", get(pull_status))
+        .route("/v1/images/fsck", post(fsck_images))
         .with_state(m)
 }
 
@@ -186,8 +189,48 @@ async fn host(State(m): State<Mgr>) -> Json<Value> {
 
 async fn list_images(State(m): State<Mgr>) -> ApiResult<Json<Value>> {
     let cfg = m.cfg.clone();
-    let v = blocking(move || images::list(&cfg)).await?;
-    Ok(Json(json!(v)))
+    let v = blocking(move || {
+        let mut v: Vec<Value> = images::list(&cfg)?.iter().map(|i| json!(i)).collect();
+        for g in crate::glance::list(&cfg)? {
+            v.push(json!({
+                "name": g.glance_id,
+                "source": "glance",
+                "glance_name": g.name,
+                "manifest_digest": g.manifest_digest,
+                "layers": g.layer_digests(),
+                "disk_format": g.disk_format,
+                "cached_at": g.cached_at,
+            }));
+        }
+        Ok(v)
+    })
+    .await?;
+    Ok(Json(Value::Array(v)))
+}
+
+#[derive(Deserialize)]
+struct PullReq {
+    glance_id: String,
+}
+
+/// Starts (or joins) a background pull; poll GET /v1/images/pull/{id} for progress.
+async fn pull_image(
+    State(m): State<Mgr>,
+    Json(req): Json<PullReq>,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    let cfg = m.cfg.clone();
+    let job = blocking(move || crate::glance::start_pull(&cfg, &req.glance_id)).await?;
+    Ok((StatusCode::ACCEPTED, Json(json!(job))))
+}
+
+async fn pull_status(Path(id): Path<String>) -> ApiResult<Json<Value>> {
+    Ok(Json(json!(crate::glance::job(&id)?)))
+}
+
+async fn fsck_images(State(m): State<Mgr>) -> ApiResult<Json<Value>> {
+    let cfg = m.cfg.clone();
+    let r = blocking(move || crate::glance::fsck(&cfg)).await?;
+    Ok(Json(json!({"clean": r.clean(), "report": r})))
 }
 
 #[derive(Deserialize)]

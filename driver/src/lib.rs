@@ -10,6 +10,7 @@ pub mod client;
 pub mod config;
 pub mod disk;
 pub mod error;
+pub mod glance;
 pub mod host;
 pub mod images;
 pub mod model;
