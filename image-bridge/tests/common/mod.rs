@@ -408,3 +408,202 @@ pub fn entries(dir: &Path) -> Vec<String> {
         Err(_) => Vec::new(),
     }
 }
+
+/// The real Keystone (PyPI, same venv) on 127.0.0.1: sqlite, fernet tokens, bootstrapped
+/// admin (password `ADMIN_PASSWORD`, project admin, region RegionOne); killed on drop.
+pub struct Keystone {
+    pub url: String,
+    pub dir: tempfile::TempDir,
+    child: Child,
+}
+
+pub const ADMIN_PASSWORD: &str = "fatbox-test-secret";
+
+impl Keystone {
+    pub fn start() -> Keystone {
+        let venv = venv();
+        let dir = tempfile::Builder::new()
+            .prefix("keystone-test-")
+            .tempdir()
+            .expect("tempdir");
+        let d = dir.path();
+        let conf = d.join("conf");
+        for p in [&conf, &d.join("fernet"), &d.join("cred")] {
+            std::fs::create_dir_all(p).expect("mkdir");
+        }
+        let port = free_port();
+        let url = format!("http://127.0.0.1:{port}/v3");
+        let cfg = format!(
+            "[database]\nconnection = sqlite:///{db}\n\
+             [token]\nprovider = fernet\nexpiration = 3600\n\
+             [fernet_tokens]\nkey_repository = {fernet}\n\
+             [fernet_receipts]\nkey_repository = {fernet}\n\
+             [credential]\nkey_repository = {cred}\n",
+            db = d.join("keystone.sqlite").display(),
+            fernet = d.join("fernet").display(),
+            cred = d.join("cred").display(),
+        );
+        let conf_file = conf.join("keystone.conf");
+        std::fs::write(&conf_file, cfg).expect("keystone.conf");
+        let log = std::fs::File::create(d.join("keystone.log")).expect("log");
+        let manage = |args: &[&str]| {
+            let st = Command::new(venv.join("bin/keystone-manage"))
+                .arg("--config-file")
+                .arg(&conf_file)
+                .args(args)
+                .current_dir(d)
+                .stdout(log.try_clone().expect("log"))
+                .stderr(log.try_clone().expect("log"))
+                .status()
+                .expect("keystone-manage");
+            assert!(
+                st.success(),
+                "keystone-manage {args:?} failed: see {}",
+                d.display()
+            );
+        };
+        manage(&["db_sync"]);
+        manage(&[
+            "fernet_setup",
+            "--keystone-user",
+            "root",
+            "--keystone-group",
+            "root",
+        ]);
+        manage(&[
+            "credential_setup",
+            "--keystone-user",
+            "root",
+            "--keystone-group",
+            "root",
+        ]);
+        manage(&[
+            "bootstrap",
+            "--bootstrap-password",
+            ADMIN_PASSWORD,
+            "--bootstrap-public-url",
+            &url,
+            "--bootstrap-admin-url",
+            &url,
+            "--bootstrap-region-id",
+            "RegionOne",
+        ]);
+        // keystone parses sys.argv at import: hide gunicorn's arguments from it.
+        std::fs::write(
+            d.join("ks_wsgi.py"),
+            "import sys\nsys.argv = sys.argv[:1]\nfrom keystone.wsgi.api import application  # noqa\n",
+        )
+        .expect("wsgi shim");
+        let child = Command::new(venv.join("bin/gunicorn"))
+            .args(["-b", &format!("127.0.0.1:{port}")])
+            .args(["-w", "1", "-k", "gthread", "--threads", "4"])
+            .arg("ks_wsgi:application")
+            .env("OS_KEYSTONE_CONFIG_DIR", &conf)
+            .env("PYTHONPATH", d)
+            .current_dir(d)
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("gunicorn");
+        let k = Keystone { url, dir, child };
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let mut delay = Duration::from_millis(50);
+        loop {
+            let ok = Command::new("curl")
+                .args(["-sf", "-m", "10", "-o", "/dev/null", &k.url])
+                .status()
+                .is_ok_and(|s| s.success());
+            if ok {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "Keystone did not come up; log: {}",
+                std::fs::read_to_string(k.dir.path().join("keystone.log")).unwrap_or_default()
+            );
+            std::thread::sleep(delay);
+            delay = (delay * 2).min(Duration::from_millis(500));
+        }
+        k
+    }
+
+    /// An admin token (curl, independent of the code under test) and the admin user id.
+    pub fn admin_token(&self) -> (String, String) {
+        let body = format!(
+            r#"{{"auth":{{"identity":{{"methods":["password"],"password":{{"user":{{"name":"admin","domain":{{"name":"Default"}},"password":"{ADMIN_PASSWORD}"}}}}}},"scope":{{"project":{{"name":"admin","domain":{{"name":"Default"}}}}}}}}}}"#
+        );
+        let out = Command::new("curl")
+            .args([
+                "-sf",
+                "-D",
+                "-",
+                "-X",
+                "POST",
+                "-H",
+                "Content-Type: application/json",
+                "-d",
+            ])
+            .arg(&body)
+            .arg(format!("{}/auth/tokens", self.url))
+            .output()
+            .expect("curl");
+        assert!(out.status.success(), "admin token");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let token = text
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("X-Subject-Token: ")
+                    .or_else(|| l.strip_prefix("x-subject-token: "))
+            })
+            .expect("X-Subject-Token")
+            .trim()
+            .to_string();
+        let json_start = text.find("\r\n\r\n").map(|i| i + 4).unwrap_or(0);
+        let v: serde_json::Value = serde_json::from_str(&text[json_start..]).expect("json");
+        let user = v["token"]["user"]["id"]
+            .as_str()
+            .expect("user id")
+            .to_string();
+        (token, user)
+    }
+
+    /// POSTs JSON with the admin token; returns the answer.
+    pub fn post(&self, token: &str, path: &str, body: &serde_json::Value) -> serde_json::Value {
+        let out = Command::new("curl")
+            .args([
+                "-sf",
+                "-X",
+                "POST",
+                "-H",
+                "Content-Type: application/json",
+                "-H",
+            ])
+            .arg(format!("X-Auth-Token: {token}"))
+            .arg("-d")
+            .arg(body.to_string())
+            .arg(format!("{}{path}", self.url))
+            .output()
+            .expect("curl");
+        assert!(out.status.success(), "POST {path} failed");
+        serde_json::from_slice(&out.stdout).expect("json")
+    }
+}
+
+impl Drop for Keystone {
+    fn drop(&mut self) {
+        let pid = rustix::process::Pid::from_child(&self.child);
+        let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            match self.child.try_wait() {
+                Ok(Some(_)) | Err(_) => break,
+                Ok(None) if Instant::now() > deadline => {
+                    let _ = self.child.kill();
+                    let _ = self.child.wait();
+                    break;
+                }
+                Ok(None) => std::thread::sleep(Duration::from_millis(50)),
+            }
+        }
+    }
+}
