@@ -340,7 +340,7 @@ fn eviction_under_tiny_cap_keeps_pinned_layers() {
     assert!(cache.counters.evictions.load(Ordering::Relaxed) >= 1);
     // Unpinned, a goes too (c was used more recently).
     cache.unpin("instance-1").expect("unpin");
-    let ev = cache.evict(&[c.clone()]).expect("evict");
+    let ev = cache.evict(std::slice::from_ref(&c)).expect("evict");
     assert_eq!(ev, vec![a.clone()]);
     for d in &ia.layer_dirs {
         assert!(!d.exists(), "unpinned layer dir {} kept", d.display());
