@@ -17,7 +17,15 @@ echo "== Glance venv (image-bridge tests)" >&2
 bash tests/glance/setup.sh >/dev/null
 echo "== cargo test" >&2
 cargo test --workspace --release --no-fail-fast -- --test-threads="${FATBOX_TEST_THREADS:-2}"
+echo "== nova driver (real nova from PyPI, real fatboxd)" >&2
+NOVA_VENV=$(bash tests/nova/setup.sh | tail -n 1)
+(cd tests/nova && "$NOVA_VENV/bin/python" -m pytest -p no:cacheprovider -W ignore -q -rfEs \
+  test_fatbox_driver.py)
+echo "== devstack plugin" >&2
+bash tests/devstack/test_plugin.sh
 if [ -x guestfs-tools/fuzz/ci.sh ] || [ -f guestfs-tools/fuzz/ci.sh ]; then
   echo "== fuzz smoke" >&2
   bash guestfs-tools/fuzz/ci.sh "${FATBOX_FUZZ_SECONDS:-20}"
 fi
+echo "== quick start (README's first command: two runs, ssh login, --clean leaves nothing)" >&2
+bash tests/quickstart.sh

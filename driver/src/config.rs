@@ -1,6 +1,7 @@
 //! `/etc/fatbox/fatbox.toml` with `FATBOX_*` environment overrides.
 
 use crate::error::{Error, Result};
+pub use crate::network::NetworkConfig;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -24,8 +25,8 @@ pub struct Config {
     pub procfs: ProcfsConfig,
     pub network: NetworkConfig,
     pub glance: GlanceConfig,
-    /// Keystone v3 for Glance (token + catalog); unset = Glance without auth.
-    pub keystone: Option<KeystoneSection>,
+    /// Keystone v3 for Glance (token + catalog); no auth_url = Glance without auth.
+    pub keystone: KeystoneSection,
 }
 
 impl Default for Config {
@@ -40,7 +41,7 @@ impl Default for Config {
             procfs: ProcfsConfig::default(),
             network: NetworkConfig::default(),
             glance: GlanceConfig::default(),
-            keystone: None,
+            keystone: KeystoneSection::default(),
         }
     }
 }
@@ -64,13 +65,6 @@ impl Default for ProcfsConfig {
     }
 }
 
-/// Filled by the network issue (OVS bridge, standalone VLAN...).
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-#[serde(default)]
-pub struct NetworkConfig {
-    pub bridge: Option<String>,
-}
-
 /// Images from Glance (image-bridge): `endpoint` directly, or through `[keystone]`'s
 /// catalog; converted layers cached under `cache_dir` (default `<state_dir>/glance`).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -87,7 +81,7 @@ pub struct GlanceConfig {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(default)]
 pub struct KeystoneSection {
-    pub auth_url: String,
+    pub auth_url: Option<String>,
     pub username: Option<String>,
     pub password: Option<String>,
     pub project_name: Option<String>,
@@ -120,6 +114,18 @@ impl Config {
         let cfg: Config = built
             .try_deserialize()
             .map_err(|e| Error::Config(format!("{}: {e}", file.display())))?;
+        // The environment may hold unrelated FATBOX_* variables, so only the file is held to
+        // the known keys: a misspelt key there would otherwise be ignored without a word.
+        if file.exists() {
+            let unknown = unknown_file_keys(&file)?;
+            if !unknown.is_empty() {
+                return Err(Error::Config(format!(
+                    "{}: unknown key(s) {} (docs/configuration.md lists the keys)",
+                    file.display(),
+                    unknown.join(", ")
+                )));
+            }
+        }
         if cfg.cgroup_parent.is_empty()
             || cfg.cgroup_parent.contains("..")
             || cfg.cgroup_parent.starts_with('/')
@@ -147,4 +153,54 @@ impl Config {
             .clone()
             .unwrap_or_else(|| self.state_dir.join("glance"))
     }
+}
+
+/// Keys in the TOML file that `Config` does not have: each file leaf must survive a
+/// deserialize/serialize round trip.
+fn unknown_file_keys(file: &Path) -> Result<Vec<String>> {
+    let cfg_err = |e: &dyn std::fmt::Display| Error::Config(format!("{}: {e}", file.display()));
+    let only_file = config::Config::builder()
+        .add_source(config::File::from(file.to_path_buf()))
+        .build()
+        .map_err(|e| cfg_err(&e))?;
+    let raw: serde_json::Value = only_file
+        .clone()
+        .try_deserialize()
+        .map_err(|e| cfg_err(&e))?;
+    let typed: Config = only_file.try_deserialize().map_err(|e| cfg_err(&e))?;
+    let back = serde_json::to_value(&typed).map_err(|e| cfg_err(&e))?;
+    let mut unknown = Vec::new();
+    fn walk(
+        raw: &serde_json::Value,
+        back: Option<&serde_json::Value>,
+        at: &str,
+        out: &mut Vec<String>,
+    ) {
+        match raw {
+            serde_json::Value::Object(m) => {
+                for (k, v) in m {
+                    let p = if at.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{at}.{k}")
+                    };
+                    walk(v, back.and_then(|b| b.get(k)), &p, out);
+                }
+            }
+            _ => {
+                if back.is_none() {
+                    out.push(p_or_root(at));
+                }
+            }
+        }
+    }
+    fn p_or_root(at: &str) -> String {
+        if at.is_empty() {
+            "(root)".into()
+        } else {
+            format!("`{at}`")
+        }
+    }
+    walk(&raw, Some(&back), "", &mut unknown);
+    Ok(unknown)
 }

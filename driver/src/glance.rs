@@ -40,7 +40,7 @@ fn ib(e: image_bridge::Error) -> Error {
 
 /// True when Glance is configured (an endpoint or Keystone).
 pub fn configured(cfg: &Config) -> bool {
-    cfg.glance.endpoint.is_some() || cfg.keystone.is_some()
+    cfg.glance.endpoint.is_some() || cfg.keystone.auth_url.is_some()
 }
 
 /// Glance ids are UUIDs; local image names that look like one are taken as local first.
@@ -48,7 +48,10 @@ pub fn looks_like_id(s: &str) -> bool {
     uuid::Uuid::parse_str(s).is_ok() && s.len() == 36
 }
 
-fn keystone_config(k: &KeystoneSection) -> Result<KeystoneConfig> {
+fn keystone_config(k: &KeystoneSection) -> Result<Option<KeystoneConfig>> {
+    let Some(auth_url) = &k.auth_url else {
+        return Ok(None);
+    };
     let credentials = match (
         &k.application_credential_id,
         &k.application_credential_secret,
@@ -79,12 +82,12 @@ fn keystone_config(k: &KeystoneSection) -> Result<KeystoneConfig> {
                 .into(),
         )),
     };
-    Ok(KeystoneConfig {
-        auth_url: k.auth_url.clone(),
+    Ok(Some(KeystoneConfig {
+        auth_url: auth_url.clone(),
         credentials,
         region: k.region.clone(),
         interface: k.interface.clone().unwrap_or_else(|| "public".into()),
-    })
+    }))
 }
 
 fn bridge(cfg: &Config) -> Result<Arc<Bridge>> {
@@ -98,10 +101,8 @@ fn bridge(cfg: &Config) -> Result<Arc<Bridge>> {
         .enable_all()
         .build()
         .map_err(|e| Error::Other(format!("image-bridge runtime: {e}")))?;
-    let ks = cfg
-        .keystone
-        .as_ref()
-        .map(|k| keystone_config(k).and_then(|c| Keystone::new(c).map_err(ib)))
+    let ks = keystone_config(&cfg.keystone)?
+        .map(|c| Keystone::new(c).map_err(ib))
         .transpose()?
         .map(Arc::new);
     let glance = match (&cfg.glance.endpoint, ks) {

@@ -8,6 +8,7 @@ pub mod api;
 pub mod cgroups;
 pub mod client;
 pub mod config;
+pub mod configdrive;
 pub mod disk;
 pub mod error;
 pub mod glance;
@@ -19,5 +20,6 @@ pub mod network;
 pub mod ops;
 pub mod procfs;
 pub mod spec;
+pub mod vifs;
 
 pub use error::{Error, Result};

@@ -40,12 +40,16 @@ pub struct CreateRequest {
     pub nics: Vec<serde_json::Value>,
     #[serde(default)]
     pub userns: bool,
+    /// Metadata drive files: relative path -> base64 content (configdrive.rs).
+    #[serde(default)]
+    pub config_drive: Option<std::collections::BTreeMap<String, String>>,
 }
 
 pub struct Manager {
     pub cfg: Config,
     instances: Mutex<HashMap<String, Instance>>,
     locks: Mutex<HashMap<String, Arc<Mutex<()>>>>,
+    pub(crate) net: crate::vifs::NetState,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -61,6 +65,7 @@ impl Manager {
             cfg,
             instances: Mutex::new(HashMap::new()),
             locks: Mutex::new(HashMap::new()),
+            net: Default::default(),
         }))
     }
 
@@ -68,7 +73,7 @@ impl Manager {
         self.cfg.instances_dir().join(uuid)
     }
 
-    fn op_lock(&self, uuid: &str) -> Arc<Mutex<()>> {
+    pub(crate) fn op_lock(&self, uuid: &str) -> Arc<Mutex<()>> {
         lock(&self.locks)
             .entry(uuid.to_string())
             .or_default()
@@ -97,7 +102,7 @@ impl Manager {
         v
     }
 
-    fn update(&self, uuid: &str, f: impl FnOnce(&mut Instance)) -> Result<Instance> {
+    pub(crate) fn update(&self, uuid: &str, f: impl FnOnce(&mut Instance)) -> Result<Instance> {
         let mut g = lock(&self.instances);
         let inst = g
             .get_mut(uuid)
@@ -123,11 +128,7 @@ impl Manager {
                 "userns: not implemented yet (user-namespace issue)".into(),
             ));
         }
-        if !req.nics.is_empty() {
-            return Err(Error::Invalid(
-                "nics: networking is not implemented yet (network issue)".into(),
-            ));
-        }
+        let nics = crate::vifs::parse_nics(&req.nics)?;
         let uuid = match &req.uuid {
             Some(u) => uuid::Uuid::parse_str(u)
                 .map_err(|e| Error::Invalid(format!("uuid {u:?}: {e}")))?
@@ -147,6 +148,12 @@ impl Manager {
             }
             Err(e) => return Err(e),
         };
+        self.precheck_nics(&uuid, &nics)?;
+        let drive = req
+            .config_drive
+            .as_ref()
+            .map(crate::configdrive::decode)
+            .transpose()?;
         for k in &req.ssh_keys {
             if k.contains('\n') || k.len() > 16384 {
                 return Err(Error::Invalid(
@@ -163,8 +170,9 @@ impl Manager {
             state: VmState::Building,
             reason: None,
             ssh_keys: req.ssh_keys.clone(),
-            nics: req.nics.clone(),
+            nics,
             userns: req.userns,
+            config_drive: drive.is_some(),
             monitor: None,
             init: None,
             created_at: now_secs(),
@@ -182,6 +190,12 @@ impl Manager {
             std::io::ErrorKind::AlreadyExists => Error::Conflict(format!("uuid {uuid} exists")),
             _ => Error::io(&dir, e),
         })?;
+        if let Some(files) = &drive {
+            if let Err(e) = crate::configdrive::write(&dir, files) {
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(e);
+            }
+        }
         inst.save(&dir)?;
         g.insert(uuid, inst.clone());
         Ok(inst)
@@ -253,9 +267,10 @@ impl Manager {
         let t_disk = t0.elapsed();
         disk::mount_rootfs(&paths, &lowers)?;
         write_identity(&paths.rootfs, &inst)?;
+        self.plug_vifs(&inst, &paths.rootfs)?;
         let cg = self.cgroups(uuid);
         cg.create(&inst.flavor)?;
-        let spec = RuntimeSpec {
+        let mut spec = RuntimeSpec {
             uuid: uuid.to_string(),
             hostname: inst.name.clone(),
             rootfs: paths.rootfs.clone(),
@@ -272,7 +287,15 @@ impl Manager {
             drop_caps: DROP_CAPS.to_vec(),
             procfs_binds: crate::procfs::binds(&self.cfg.procfs),
             userns: inst.userns,
+            ro_binds: Vec::new(),
         };
+        if inst.config_drive {
+            spec.env.push(crate::configdrive::PRODUCT_ENV.into());
+            spec.ro_binds.push((
+                dir.join(crate::configdrive::DIR),
+                crate::configdrive::GUEST_PATH.into(),
+            ));
+        }
         spec.save(&dir)?;
         for f in [INIT_FILE, EXIT_FILE, REBOOT_FLAG] {
             let _ = std::fs::remove_file(dir.join(f));
@@ -350,6 +373,9 @@ impl Manager {
         let cg = self.cgroups(uuid);
         cg.kill_all();
         crate::procfs::unregister(&self.cfg.procfs, uuid);
+        if let Err(e) = self.get(uuid).and_then(|i| self.unplug_vifs(&i)) {
+            tracing::warn!(uuid, error = %e, "unplugging VIFs failed");
+        }
         disk::unmount_rootfs(&Paths::new(&self.dir(uuid)))?;
         cg.remove()?;
         self.update(uuid, |i| {
@@ -366,6 +392,8 @@ impl Manager {
         self.set_state(&inst.uuid, VmState::Deleting, None)?;
         // Nova's destroy is a hard power-off.
         self.stop_locked(&inst.uuid, Duration::ZERO)?;
+        // Again, failing this time: ports left behind once the state is gone would leak.
+        self.unplug_vifs(&inst)?;
         let dir = self.dir(&inst.uuid);
         std::fs::remove_dir_all(&dir).map_err(io(&dir))?;
         if let Err(e) = crate::glance::unpin(&self.cfg, &inst.uuid) {

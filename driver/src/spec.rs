@@ -22,6 +22,9 @@ pub struct RuntimeSpec {
     pub procfs_binds: Vec<(PathBuf, String)>,
     /// Seam for the user-namespace issue; must be false for now.
     pub userns: bool,
+    /// Host directories bound read-only at guest paths (relative to the guest root).
+    #[serde(default)]
+    pub ro_binds: Vec<(PathBuf, String)>,
 }
 
 impl RuntimeSpec {

@@ -42,6 +42,11 @@ pub struct Daemon {
 
 impl Daemon {
     pub fn start() -> Daemon {
+        Daemon::start_with_network("")
+    }
+
+    /// A daemon whose `[network]` section holds `network` (TOML lines).
+    pub fn start_with_network(network: &str) -> Daemon {
         // /var/tmp: a disk-backed filesystem (overlay lower dirs, disk images).
         let dir = tempfile::Builder::new()
             .prefix("fatbox-test-")
@@ -52,7 +57,7 @@ impl Daemon {
         std::fs::write(
             &config,
             format!(
-                "state_dir = \"{}\"\nsocket = \"{}\"\ncgroup_parent = \"fatbox-test-{}\"\nstop_timeout = 20\n[procfs]\n[network]\n[glance]\n",
+                "state_dir = \"{}\"\nsocket = \"{}\"\ncgroup_parent = \"fatbox-test-{}\"\nstop_timeout = 20\n[procfs]\n[network]\n{network}\n[glance]\n",
                 dir.path().join("state").display(),
                 socket.display(),
                 std::process::id(),
