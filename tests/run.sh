@@ -13,6 +13,8 @@ echo "== guest-image fixtures" >&2
 FATBOX_FIXTURES=$(bash tests/fixtures/build-guest-images.sh | tail -n 1)
 export FATBOX_FIXTURES
 echo "fixtures: $FATBOX_FIXTURES" >&2
+echo "== Glance venv (image-bridge tests)" >&2
+bash tests/glance/setup.sh >/dev/null
 echo "== cargo test" >&2
 cargo test --workspace --release --no-fail-fast -- --test-threads="${FATBOX_TEST_THREADS:-2}"
 echo "== nova driver (real nova from PyPI, real fatboxd)" >&2

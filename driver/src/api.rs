@@ -89,6 +89,9 @@ pub fn router(m: Mgr) -> Router {
         )
         .route("/v1/host", get(host))
         .route("/v1/images", get(list_images).post(import_image))
+        .route("/v1/images/pull", post(pull_image))
+        .route("/v1/images/pull/{id}", get(pull_status))
+        .route("/v1/images/fsck", post(fsck_images))
         .with_state(m)
 }
 
@@ -240,14 +243,58 @@ async fn host(State(m): State<Mgr>) -> Json<Value> {
 
 async fn list_images(State(m): State<Mgr>) -> ApiResult<Json<Value>> {
     let cfg = m.cfg.clone();
-    let v = blocking(move || images::list(&cfg)).await?;
-    Ok(Json(json!(v)))
+    let v = blocking(move || {
+        let mut v: Vec<Value> = images::list(&cfg)?.iter().map(|i| json!(i)).collect();
+        for g in crate::glance::list(&cfg)? {
+            v.push(json!({
+                "name": g.glance_id,
+                "glance_id": g.glance_id,
+                "source": "glance",
+                "glance_name": g.name,
+                "manifest_digest": g.manifest_digest,
+                "layers": g.layer_digests(),
+                "disk_format": g.disk_format,
+                "cached_at": g.cached_at,
+            }));
+        }
+        Ok(v)
+    })
+    .await?;
+    Ok(Json(Value::Array(v)))
+}
+
+#[derive(Deserialize)]
+struct PullReq {
+    glance_id: String,
+}
+
+/// Starts (or joins) a background pull; poll GET /v1/images/pull/{id} for progress.
+async fn pull_image(
+    State(m): State<Mgr>,
+    Json(req): Json<PullReq>,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    let cfg = m.cfg.clone();
+    let job = blocking(move || crate::glance::start_pull(&cfg, &req.glance_id)).await?;
+    Ok((StatusCode::ACCEPTED, Json(json!(job))))
+}
+
+async fn pull_status(Path(id): Path<String>) -> ApiResult<Json<Value>> {
+    Ok(Json(json!(crate::glance::job(&id)?)))
+}
+
+async fn fsck_images(State(m): State<Mgr>) -> ApiResult<Json<Value>> {
+    let cfg = m.cfg.clone();
+    let r = blocking(move || crate::glance::fsck(&cfg)).await?;
+    Ok(Json(json!({"clean": r.clean(), "report": r})))
 }
 
 #[derive(Deserialize)]
 struct ImportReq {
-    file: std::path::PathBuf,
-    name: String,
+    file: Option<std::path::PathBuf>,
+    name: Option<String>,
+    /// Pre-cache a Glance image instead (what Nova's cache_image sends): answers 202 with
+    /// the pull job, as POST /v1/images/pull does.
+    glance_id: Option<String>,
 }
 
 async fn import_image(
@@ -255,7 +302,16 @@ async fn import_image(
     Json(req): Json<ImportReq>,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
     let cfg = m.cfg.clone();
-    let info = blocking(move || images::import(&cfg, &req.file, &req.name)).await?;
+    if let Some(id) = req.glance_id {
+        let job = blocking(move || crate::glance::start_pull(&cfg, &id)).await?;
+        return Ok((StatusCode::ACCEPTED, Json(json!(job))));
+    }
+    let (Some(file), Some(name)) = (req.file, req.name) else {
+        return Err(ApiError(Error::Invalid(
+            "POST /v1/images needs {\"file\", \"name\"} or {\"glance_id\"}".into(),
+        )));
+    };
+    let info = blocking(move || images::import(&cfg, &file, &name)).await?;
     Ok((StatusCode::CREATED, Json(json!(info))))
 }
 

@@ -25,6 +25,8 @@ pub struct Config {
     pub procfs: ProcfsConfig,
     pub network: NetworkConfig,
     pub glance: GlanceConfig,
+    /// Keystone v3 for Glance (token + catalog); no auth_url = Glance without auth.
+    pub keystone: KeystoneSection,
 }
 
 impl Default for Config {
@@ -39,6 +41,7 @@ impl Default for Config {
             procfs: ProcfsConfig::default(),
             network: NetworkConfig::default(),
             glance: GlanceConfig::default(),
+            keystone: KeystoneSection::default(),
         }
     }
 }
@@ -62,11 +65,32 @@ impl Default for ProcfsConfig {
     }
 }
 
-/// Filled by the image-bridge issue.
+/// Images from Glance (image-bridge): `endpoint` directly, or through `[keystone]`'s
+/// catalog; converted layers cached under `cache_dir` (default `<state_dir>/glance`).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(default)]
 pub struct GlanceConfig {
     pub endpoint: Option<String>,
+    pub cache_dir: Option<PathBuf>,
+    /// Cache cap in GiB (blobs + unpacked layers); unset = no cap. Pinned layers stay.
+    pub cache_max_gib: Option<f64>,
+}
+
+/// Keystone v3: a password (username/password/project_name) or an application credential
+/// (application_credential_id/_secret).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct KeystoneSection {
+    pub auth_url: Option<String>,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub project_name: Option<String>,
+    pub user_domain_name: Option<String>,
+    pub project_domain_name: Option<String>,
+    pub application_credential_id: Option<String>,
+    pub application_credential_secret: Option<String>,
+    pub region: Option<String>,
+    pub interface: Option<String>,
 }
 
 impl Config {
@@ -122,6 +146,12 @@ impl Config {
     }
     pub fn layers_dir(&self) -> PathBuf {
         self.state_dir.join("layers")
+    }
+    pub fn glance_cache_dir(&self) -> PathBuf {
+        self.glance
+            .cache_dir
+            .clone()
+            .unwrap_or_else(|| self.state_dir.join("glance"))
     }
 }
 

@@ -11,6 +11,7 @@ pub mod config;
 pub mod configdrive;
 pub mod disk;
 pub mod error;
+pub mod glance;
 pub mod host;
 pub mod images;
 pub mod model;

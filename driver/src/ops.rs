@@ -136,7 +136,18 @@ impl Manager {
                 .to_string(),
             None => uuid::Uuid::new_v4().hyphenated().to_string(),
         };
-        let image = images::lookup(&self.cfg, &req.image)?;
+        // A Glance image id not imported locally is fetched by the build (it may take
+        // minutes), so the layers are filled in then.
+        let layers = match images::lookup(&self.cfg, &req.image) {
+            Ok(i) => i.layers,
+            Err(Error::NotFound(_))
+                if crate::glance::configured(&self.cfg)
+                    && crate::glance::looks_like_id(&req.image) =>
+            {
+                Vec::new()
+            }
+            Err(e) => return Err(e),
+        };
         self.precheck_nics(&uuid, &nics)?;
         let drive = req
             .config_drive
@@ -154,7 +165,7 @@ impl Manager {
             uuid: uuid.clone(),
             name: req.name.clone(),
             image: req.image.clone(),
-            layers: image.layers,
+            layers,
             flavor: req.flavor.clone(),
             state: VmState::Building,
             reason: None,
@@ -234,9 +245,21 @@ impl Manager {
         let inst = self.get(uuid)?;
         let dir = self.dir(uuid);
         let paths = Paths::new(&dir);
+        let mut inst = inst;
+        if crate::glance::looks_like_id(&inst.image) && crate::glance::configured(&self.cfg) {
+            // Every start: a warm hit costs a stat or two, and it re-fetches and re-pins
+            // after the cache was wiped.
+            if images::lookup(&self.cfg, &inst.image).is_err() {
+                let img = crate::glance::ensure_pinned(&self.cfg, &inst.image, uuid)?;
+                inst = self.update(uuid, |i| i.layers = img.layer_digests())?;
+            }
+        }
         let mut lowers = Vec::new();
         for d in inst.layers.iter().rev() {
-            lowers.push(images::ensure_layer(&self.cfg, d)?);
+            match crate::glance::cached_layer_dir(&self.cfg, d) {
+                Some(dir) => lowers.push(dir),
+                None => lowers.push(images::ensure_layer(&self.cfg, d)?),
+            }
         }
         if !paths.image.exists() {
             disk::create_disk(&paths.image, inst.flavor.root_gb)?;
@@ -373,6 +396,9 @@ impl Manager {
         self.unplug_vifs(&inst)?;
         let dir = self.dir(&inst.uuid);
         std::fs::remove_dir_all(&dir).map_err(io(&dir))?;
+        if let Err(e) = crate::glance::unpin(&self.cfg, &inst.uuid) {
+            tracing::warn!(uuid = %inst.uuid, error = %e, "unpinning its Glance layers");
+        }
         lock(&self.instances).remove(&inst.uuid);
         lock(&self.locks).remove(&inst.uuid);
         Ok(())

@@ -135,6 +135,17 @@ enum ImageCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Fetch a Glance image (verified), convert it and cache its layers; shows progress.
+    Pull {
+        glance_id: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check the Glance layer cache (every blob digest, every record); exit 1 if unclean.
+    Fsck {
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() {
@@ -275,6 +286,33 @@ async fn run(args: Args) -> anyhow::Result<i32> {
                     );
                 }
             }
+        }
+        Cmd::Image {
+            cmd: ImageCmd::Pull { glance_id, json },
+        } => return pull(&c, &glance_id, json).await,
+        Cmd::Image {
+            cmd: ImageCmd::Fsck { json },
+        } => {
+            let v = call(&c, "POST", "/v1/images/fsck", None).await?;
+            let clean = v.get("clean").and_then(Value::as_bool).unwrap_or(false);
+            if json {
+                println!("{v:#}");
+            } else {
+                let r = &v["report"];
+                println!(
+                    "{} images, {} blobs verified, {} layer dirs: {}",
+                    r["images"],
+                    r["blobs_verified"],
+                    r["layer_dirs"],
+                    if clean { "clean" } else { "NOT clean" }
+                );
+                for k in ["problems", "orphans"] {
+                    for p in r[k].as_array().into_iter().flatten() {
+                        println!("{k}: {}", p.as_str().unwrap_or_default());
+                    }
+                }
+            }
+            return Ok(if clean { 0 } else { 1 });
         }
         Cmd::Run {
             image,
@@ -455,6 +493,63 @@ async fn run(args: Args) -> anyhow::Result<i32> {
         }
     }
     Ok(0)
+}
+
+/// Starts the pull in fatboxd and follows it with a progress bar (on stderr).
+async fn pull(c: &Client, id: &str, json_out: bool) -> anyhow::Result<i32> {
+    call(c, "POST", "/v1/images/pull", Some(json!({"glance_id": id}))).await?;
+    let bar = indicatif::ProgressBar::new(0);
+    if json_out {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{msg:>9} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} {elapsed}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    let mut poll = Duration::from_millis(50);
+    loop {
+        let v = call(c, "GET", &format!("/v1/images/pull/{}", path_id(id)?), None).await?;
+        let p = &v["progress"];
+        let phase = p["phase"].as_str().unwrap_or("");
+        bar.set_message(phase.to_string());
+        match p["total"].as_u64() {
+            Some(t) if phase == "download" => {
+                bar.set_length(t);
+                bar.set_position(p["done"].as_u64().unwrap_or(0));
+            }
+            _ => bar.set_position(p["done"].as_u64().unwrap_or(0)),
+        }
+        match v["state"].as_str() {
+            Some("done") => {
+                bar.finish_and_clear();
+                if json_out {
+                    println!("{v:#}");
+                } else {
+                    let img = &v["image"];
+                    println!(
+                        "{}\t{}\t{} layers",
+                        id,
+                        img["manifest_digest"].as_str().unwrap_or_default(),
+                        img["layers"].as_array().map(Vec::len).unwrap_or(0)
+                    );
+                }
+                return Ok(0);
+            }
+            Some("error") => {
+                bar.abandon();
+                bail!(
+                    "pull of {id} failed: {}",
+                    v["error"].as_str().unwrap_or("?")
+                );
+            }
+            _ => {}
+        }
+        tokio::time::sleep(poll).await;
+        poll = (poll * 2).min(Duration::from_millis(250));
+    }
 }
 
 async fn action(c: &Client, id: &str, body: Value) -> anyhow::Result<()> {
