@@ -37,6 +37,7 @@ DAEMON=$!
 until "$BIN/fatbox" --socket "$WORK/sock" list >/dev/null 2>&1; do sleep 0.05; done
 F() { "$BIN/fatbox" --socket "$WORK/sock" "$@"; }
 F image import "$FIX/v3.qcow2" --name bench >/dev/null
+RESULTS=()
 echo "run  fatbox_running_s  fatbox_sshd_s  nspawn_running_s"
 for i in $(seq 1 "$RUNS"); do
   t0=$(now)
@@ -73,5 +74,25 @@ PY
   t4=$(now)
   kill "$NSPAWN"; wait "$NSPAWN" 2>/dev/null || true; NSPAWN=
   umount "$WORK/nsroot"
-  python3 -c "print('%d  %.3f  %.3f  %.3f' % ($i, $t1-$t0, $t2-$t0, $t4-$t3))"
+  line=$(python3 -c "print('%d  %.3f  %.3f  %.3f' % ($i, $t1-$t0, $t2-$t0, $t4-$t3))")
+  echo "$line"; RESULTS+=("$line")
 done
+# Medians into the report (bench/REPORT.md via bench/run.sh).
+printf '%s\n' "${RESULTS[@]}" | python3 - "${BENCH_OUT:-bench/out}/boot.json" "$RUNS" <<'PY'
+import statistics, subprocess, sys
+out, runs = sys.argv[1], sys.argv[2]
+rows = [list(map(float, l.split())) for l in sys.stdin if l.strip()]
+med = lambda k: statistics.median(r[k] for r in rows)
+pts = []
+for r in rows:
+    n = int(r[0])
+    pts += ["--point", f"Boot time per run|fatbox → running|run|seconds|{n}|{r[1]}",
+            "--point", f"Boot time per run|fatbox → sshd|run|seconds|{n}|{r[2]}",
+            "--point", f"Boot time per run|nspawn → running|run|seconds|{n}|{r[3]}"]
+subprocess.run([sys.executable, "bench/emit.py", out, "--area", "boot", "--title", "Boot time (warm layer cache)",
+    "--command", f"bench/boot/run.sh {runs}",
+    "--row", f"API call → systemd running (median of {len(rows)})|s|{med(1)}|systemd-nspawn -b|{med(3)}|ratio_at_most:1.1",
+    "--row", f"API call → sshd accepting (median)|s|{med(2)}||||",
+    "--note", "nspawn runs on an overlay of the same image layers, own netns (--private-network), fresh upper dir each run.",
+    *pts], check=True)
+PY

@@ -87,3 +87,9 @@ t=$2; print(f'| $1 | {t:.2f} s | {$DATA_MIB/t:.0f} MiB/s | {$3/1024:.0f} MiB | {
   echo
   echo "OCI blobs written: ${base_tar} MiB. Goal: ≤ 1.5× qemu-img raw, faster than the loop-mount path, RSS < 200 MiB."
 } | tee "$OUT/convert.md"
+python3 bench/emit.py "${BENCH_OUT:-bench/out}/convert.json" --area convert \
+  --title "fatbox-img convert: qcow2 VM disk → OCI layers" --command "bench/convert/run.sh${1:+ $1}" \
+  --row "convert ${DATA_MIB} MiB of files (median of $REPS)|s|$t_ours|qemu-img convert -O raw|$t_raw|ratio_at_most:1.5|" \
+  --row "same, against qemu-img raw + loop mount + tar + zstd|s|$t_ours|loop-mount path|$t_loop|ratio_at_most:1|" \
+  --row "fatbox-img convert peak RSS|MiB|$(( rss_ours / 1024 ))|||at_most:200|" \
+  --note "qemu-img raw is the block-layer floor (no filesystem work, no compression); the loop-mount path needs a kernel mount of the untrusted image, which fatbox-img avoids."

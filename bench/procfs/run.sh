@@ -83,12 +83,14 @@ done
 
 echo "daemon flags: ${PROCFS_ARGS:-(defaults)}; $(nproc) CPUs; loadavg before: $(cut -d' ' -f1-3 /proc/loadavg)"
 echo
+EMIT=()
 echo "| readers | lxcfs 5.0.3 reads/s | fatbox-procfs reads/s | ratio |"
 echo "|---:|---:|---:|---:|"
 for n in 1 16; do
   l=$(inrun "$BENCH" "$TMP/lxmnt/proc/meminfo" "$n" "$SECS" | cut -d' ' -f1)
   o=$(inrun "$BENCH" "$TMP/mnt/proc/meminfo" "$n" "$SECS" | cut -d' ' -f1)
   echo "| $n | $l | $o | $(awk -v a="$o" -v b="$l" 'BEGIN{printf "%.2fx", a/b}') |"
+  EMIT+=(--row "/proc/meminfo open+read+close, $n reader(s)|reads/s|$o|lxcfs 5.0.3|$l|ratio_at_least:1|higher")
 done
 
 # Daemon CPU with 50 registered containers and loadavg sampling on (no readers).
@@ -105,3 +107,8 @@ a=$(cpu); sleep "$CPU_SECS"; b=$(cpu)
 echo
 echo "daemon CPU with 51 registered containers, loadavg sampling every 5 s, ${CPU_SECS}s idle:" \
   "$(awk -v a="$a" -v b="$b" -v t="$tick" -v s="$CPU_SECS" 'BEGIN{printf "%.3f%% of one core", (b-a)/t/s*100}')"
+cpu_pct=$(awk -v a="$a" -v b="$b" -v t="$tick" -v s="$CPU_SECS" 'BEGIN{printf "%.3f", (b-a)/t/s*100}')
+(cd "$ROOT" && python3 bench/emit.py "${BENCH_OUT:-$ROOT/bench/out}/procfs.json" --area procfs \
+  --title "fatbox-procfs vs lxcfs (same run)" --command "bench/procfs/run.sh $SECS $CPU_SECS" \
+  "${EMIT[@]}" --row "daemon CPU, 51 registered containers, idle|% of one core|$cpu_pct||||" \
+  --note "daemon flags: ${PROCFS_ARGS:-(defaults)}; readers run inside a cgroup with a 512 MiB limit and their own pid namespace.")

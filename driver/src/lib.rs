@@ -18,5 +18,6 @@ pub mod network;
 pub mod ops;
 pub mod procfs;
 pub mod spec;
+pub mod vifs;
 
 pub use error::{Error, Result};

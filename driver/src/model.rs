@@ -152,7 +152,7 @@ pub struct Instance {
     #[serde(default)]
     pub ssh_keys: Vec<String>,
     #[serde(default)]
-    pub nics: Vec<serde_json::Value>,
+    pub nics: Vec<crate::network::InstanceNic>,
     /// Seam for the user-namespace issue: when true, root is mapped to a host range.
     #[serde(default)]
     pub userns: bool,
@@ -229,7 +229,7 @@ impl Instance {
             "reason": self.reason,
             "power_state": self.power_state().code(),
             "flavor": self.flavor,
-            "nics": self.nics,
+            "nics": self.nics.iter().map(|n| n.view()).collect::<Vec<_>>(),
             "init_pid": self.init.as_ref().filter(|p| p.alive()).map(|p| p.pid),
             "monitor_pid": self.monitor.as_ref().filter(|p| p.alive()).map(|p| p.pid),
             "created_at": self.created_at,

@@ -45,13 +45,16 @@ pub fn run(dir: &Path) -> Result<()> {
     let mut sfd = SignalFd::with_flags(&mask, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)
         .map_err(|e| Error::sys("signalfd", e))?;
 
+    // fatboxd plugged the VIFs into this namespace before starting us; every init of this
+    // power-on (reboots included) joins it. Without it init gets a fresh one (loopback only).
+    let netns = crate::network::instance_netns(dir);
     let monitor_pid = std::process::id() as i32;
     let mut boot: u32 = 0;
     loop {
         boot = boot.saturating_add(1);
         let _ = std::fs::remove_file(dir.join(REBOOT_FLAG));
         let console_mark = console.written;
-        let init = match start_init(&spec, &slave_path, &pty.slave) {
+        let init = match start_init(&spec, netns.as_deref(), &slave_path, &pty.slave) {
             Ok(p) => p,
             Err(e) => {
                 record_exit(dir, "failed", Some(e.to_string()))?;
@@ -241,7 +244,12 @@ impl Console {
 
 /// Forks the intermediate process that joins the cgroups and unshares the namespaces, and
 /// whose child becomes the instance's PID 1. Returns init's pid on the host.
-fn start_init(spec: &RuntimeSpec, slave_path: &Path, slave: &OwnedFd) -> Result<Pid> {
+fn start_init(
+    spec: &RuntimeSpec,
+    netns: Option<&Path>,
+    slave_path: &Path,
+    slave: &OwnedFd,
+) -> Result<Pid> {
     if spec.userns {
         return Err(Error::Invalid(
             "user namespaces are not implemented yet".into(),
@@ -257,7 +265,7 @@ fn start_init(spec: &RuntimeSpec, slave_path: &Path, slave: &OwnedFd) -> Result<
             drop(pid_r);
             drop(err_r);
             let mut errf = File::from(err_w);
-            let r = intermediate(spec, slave_path, slave, pid_w, &mut errf);
+            let r = intermediate(spec, netns, slave_path, slave, pid_w, &mut errf);
             if let Err(e) = r {
                 let _ = errf.write_all(e.to_string().as_bytes());
                 // SAFETY: leave without running the parent's atexit handlers.
@@ -289,6 +297,7 @@ fn start_init(spec: &RuntimeSpec, slave_path: &Path, slave: &OwnedFd) -> Result<
 
 fn intermediate(
     spec: &RuntimeSpec,
+    netns: Option<&Path>,
     slave_path: &Path,
     slave: &OwnedFd,
     pid_w: OwnedFd,
@@ -299,15 +308,16 @@ fn intermediate(
         let p = d.join("cgroup.procs");
         std::fs::write(&p, &me).map_err(io(p))?;
     }
-    unshare(
-        CloneFlags::CLONE_NEWNS
-            | CloneFlags::CLONE_NEWUTS
-            | CloneFlags::CLONE_NEWIPC
-            | CloneFlags::CLONE_NEWNET
-            | CloneFlags::CLONE_NEWCGROUP
-            | CloneFlags::CLONE_NEWPID,
-    )
-    .map_err(|e| Error::sys("unshare", e))?;
+    let mut flags = CloneFlags::CLONE_NEWNS
+        | CloneFlags::CLONE_NEWUTS
+        | CloneFlags::CLONE_NEWIPC
+        | CloneFlags::CLONE_NEWCGROUP
+        | CloneFlags::CLONE_NEWPID;
+    match netns {
+        Some(p) => crate::network::enter_netns(p)?,
+        None => flags |= CloneFlags::CLONE_NEWNET,
+    }
+    unshare(flags).map_err(|e| Error::sys("unshare", e))?;
     // SAFETY: single-threaded process (forked from the single-threaded monitor).
     match unsafe { fork() }.map_err(|e| Error::sys("fork", e))? {
         ForkResult::Child => {
@@ -355,7 +365,6 @@ fn setup_and_exec(spec: &RuntimeSpec, slave_path: &Path, slave: &OwnedFd) -> Res
         || "sethostname".into(),
         nix::unistd::sethostname(&spec.hostname),
     )?;
-    crate::network::before_init(spec)?;
 
     let r = &spec.rootfs;
     sys(

@@ -56,6 +56,7 @@ pub struct Manager {
     pub cfg: Config,
     instances: Mutex<HashMap<String, Instance>>,
     locks: Mutex<HashMap<String, Arc<Mutex<()>>>>,
+    pub(crate) net: crate::vifs::NetState,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -71,6 +72,7 @@ impl Manager {
             cfg,
             instances: Mutex::new(HashMap::new()),
             locks: Mutex::new(HashMap::new()),
+            net: Default::default(),
         }))
     }
 
@@ -78,7 +80,7 @@ impl Manager {
         self.cfg.instances_dir().join(uuid)
     }
 
-    fn op_lock(&self, uuid: &str) -> Arc<Mutex<()>> {
+    pub(crate) fn op_lock(&self, uuid: &str) -> Arc<Mutex<()>> {
         lock(&self.locks)
             .entry(uuid.to_string())
             .or_default()
@@ -107,7 +109,7 @@ impl Manager {
         v
     }
 
-    fn update(&self, uuid: &str, f: impl FnOnce(&mut Instance)) -> Result<Instance> {
+    pub(crate) fn update(&self, uuid: &str, f: impl FnOnce(&mut Instance)) -> Result<Instance> {
         let mut g = lock(&self.instances);
         let inst = g
             .get_mut(uuid)
@@ -133,11 +135,7 @@ impl Manager {
                 "userns: not implemented yet (user-namespace issue)".into(),
             ));
         }
-        if !req.nics.is_empty() {
-            return Err(Error::Invalid(
-                "nics: networking is not implemented yet (network issue)".into(),
-            ));
-        }
+        let nics = crate::vifs::parse_nics(&req.nics)?;
         let uuid = match &req.uuid {
             Some(u) => uuid::Uuid::parse_str(u)
                 .map_err(|e| Error::Invalid(format!("uuid {u:?}: {e}")))?
@@ -146,6 +144,7 @@ impl Manager {
             None => uuid::Uuid::new_v4().hyphenated().to_string(),
         };
         let image = images::lookup(&self.cfg, &req.image)?;
+        self.precheck_nics(&uuid, &nics)?;
         for k in &req.ssh_keys {
             if k.contains('\n') || k.len() > 16384 {
                 return Err(Error::Invalid(
@@ -162,7 +161,7 @@ impl Manager {
             state: VmState::Building,
             reason: None,
             ssh_keys: req.ssh_keys.clone(),
-            nics: req.nics.clone(),
+            nics,
             userns: req.userns,
             monitor: None,
             init: None,
@@ -243,6 +242,8 @@ impl Manager {
         write_identity(&paths.rootfs, &inst)?;
         // A rescue boot runs the rescue image with this rootfs bound at /mnt/rescue.
         let (rootfs, binds) = self.rescue_rootfs(&inst, &paths)?;
+        // The NICs' guest config goes where init runs (the rescue system too).
+        self.plug_vifs(&inst, &rootfs)?;
         let cg = self.cgroups(uuid);
         cg.create(&inst.flavor)?;
         let spec = RuntimeSpec {
@@ -345,6 +346,9 @@ impl Manager {
         let cg = self.cgroups(uuid);
         cg.kill_all();
         crate::procfs::unregister(&self.cfg.procfs, uuid);
+        if let Err(e) = self.get(uuid).and_then(|i| self.unplug_vifs(&i)) {
+            tracing::warn!(uuid, error = %e, "unplugging VIFs failed");
+        }
         rescue::release(&self.dir(uuid))?;
         disk::unmount_rootfs(&Paths::new(&self.dir(uuid)))?;
         cg.remove()?;
@@ -363,6 +367,8 @@ impl Manager {
         self.set_state(&inst.uuid, VmState::Deleting, None)?;
         // Nova's destroy is a hard power-off.
         self.stop_locked(&inst.uuid, Duration::ZERO)?;
+        // Again, failing this time: ports left behind once the state is gone would leak.
+        self.unplug_vifs(&inst)?;
         let dir = self.dir(&inst.uuid);
         std::fs::remove_dir_all(&dir).map_err(io(&dir))?;
         lock(&self.instances).remove(&inst.uuid);

@@ -205,4 +205,34 @@ async fn plug_latency() {
         sh_par / drv_par
     );
     assert!(ovs.ports().is_empty());
+    emit_report(drv_seq, results[0], results[1], drv_par, sh_par);
+}
+
+/// Results for bench/REPORT.md (bench/emit.py writes `$BENCH_OUT/network.json`).
+fn emit_report(drv_seq: f64, sh_nowait: f64, sh_wait: f64, drv_par: f64, sh_par: f64) {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let out = std::env::var("BENCH_OUT")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|_| root.join("bench/out"));
+    let status = Command::new("python3")
+        .current_dir(&root)
+        .arg("bench/emit.py")
+        .arg(out.join("network.json"))
+        .args(["--area", "network", "--title", "VIF plugging on OVS (userspace datapath)"])
+        .args(["--command", "bench/network/run.sh"])
+        .arg("--row")
+        .arg(format!("plug one VIF, sequential mean of {N}|ms|{drv_seq}|ip + ovs-vsctl --no-wait|{sh_nowait}|speedup_at_least:5|"))
+        .arg("--row")
+        .arg(format!("plug one VIF, sequential mean of {N}|ms|{drv_seq}|ip + ovs-vsctl (waits for vswitchd)|{sh_wait}||"))
+        .arg("--row")
+        .arg(format!("plug one VIF (absolute goal)|ms|{drv_seq}|||at_most:20|"))
+        .arg("--row")
+        .arg(format!("{N} VIFs in parallel, wall time|ms|{drv_par}|ip + ovs-vsctl --no-wait, {N} parallel|{sh_par}||"))
+        .arg("--note")
+        .arg("A plug is: veth pair created with the peer in the instance netns as ethN (MAC, MTU), then Port+Interface with os-vif external_ids and the access tag in one OVSDB transaction.")
+        .status();
+    match status {
+        Ok(s) if s.success() => {}
+        other => eprintln!("bench/emit.py failed: {other:?}"),
+    }
 }

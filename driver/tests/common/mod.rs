@@ -42,20 +42,28 @@ pub struct Daemon {
 
 impl Daemon {
     pub fn start() -> Daemon {
-        Self::start_with("")
+        Self::start_full("", "")
     }
 
     /// A daemon whose instances get the files of this (real) fatbox-procfs bound over /proc.
     pub fn start_with_procfs(p: &Procfs) -> Daemon {
-        Self::start_with(&format!(
-            "mount = \"{}\"\nregistry = \"{}\"\n",
-            p.mount.display(),
-            p.registry.display()
-        ))
+        Self::start_full(
+            &format!(
+                "mount = \"{}\"\nregistry = \"{}\"\n",
+                p.mount.display(),
+                p.registry.display()
+            ),
+            "",
+        )
     }
 
-    /// `procfs` is TOML for the `[procfs]` section.
-    pub fn start_with(procfs: &str) -> Daemon {
+    /// A daemon whose `[network]` section holds `network` (TOML lines).
+    pub fn start_with_network(network: &str) -> Daemon {
+        Self::start_full("", network)
+    }
+
+    /// `procfs` and `network`: TOML lines for those sections.
+    pub fn start_full(procfs: &str, network: &str) -> Daemon {
         // /var/tmp: a disk-backed filesystem (overlay lower dirs, disk images).
         let dir = tempfile::Builder::new()
             .prefix("fatbox-test-")
@@ -66,7 +74,7 @@ impl Daemon {
         std::fs::write(
             &config,
             format!(
-                "state_dir = \"{}\"\nsocket = \"{}\"\ncgroup_parent = \"fatbox-test-{}\"\nstop_timeout = 20\n[procfs]\n{procfs}[network]\n[glance]\n",
+                "state_dir = \"{}\"\nsocket = \"{}\"\ncgroup_parent = \"fatbox-test-{}\"\nstop_timeout = 20\n[procfs]\n{procfs}[network]\n{network}\n[glance]\n",
                 dir.path().join("state").display(),
                 socket.display(),
                 std::process::id(),

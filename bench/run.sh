@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Runs every benchmark and writes bench/REPORT.md + bench/charts/*.png from their results.
+#   bench/run.sh [--quick] [AREA ...]     (root; areas: convert procfs boot density network)
+# --quick: fewer repetitions and smaller sizes (about 10 min on 2 cores); the full run takes
+# about 30 min. Each area writes bench/out/<area>.json (bench/emit.py); an area that fails is
+# named at the end and the report is still written from the others.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+QUICK=""; AREAS=()
+for a in "$@"; do
+  case "$a" in
+    --quick) QUICK=1 ;;
+    -h|--help) sed -n 2,6p "$0"; exit 0 ;;
+    convert|procfs|boot|density|network) AREAS+=("$a") ;;
+    *) echo "bench/run.sh: unknown argument '$a' (areas: convert procfs boot density network)" >&2; exit 2 ;;
+  esac
+done
+[ ${#AREAS[@]} -eq 0 ] && AREAS=(convert procfs boot density network)
+[ "$(id -u)" = 0 ] || { echo "bench/run.sh: needs root (cgroups, mounts, OVS)" >&2; exit 2; }
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target}
+export BENCH_OUT=${BENCH_OUT:-$PWD/bench/out}
+export FATBOX_BIN=$CARGO_TARGET_DIR/release
+mkdir -p "$BENCH_OUT"
+
+step() { printf '\n=== %s ===\n' "$*"; }
+step "dependencies, release build, fixtures"
+bash tests/deps.sh || exit 1
+cargo build --release --workspace --bins -q || exit 1
+FATBOX_FIXTURES=$(bash tests/fixtures/build-guest-images.sh | tail -n1) || exit 1
+export FATBOX_FIXTURES
+
+FAILED=()
+for area in "${AREAS[@]}"; do
+  rm -f "$BENCH_OUT/$area.json"
+  step "$area"
+  case "$area" in
+    convert) bash bench/convert/run.sh ${QUICK:+--quick} ;;
+    procfs) if [ -n "$QUICK" ]; then bash bench/procfs/run.sh 2 5; else bash bench/procfs/run.sh 5 30; fi ;;
+    boot) if [ -n "$QUICK" ]; then bash bench/boot/run.sh 3; else bash bench/boot/run.sh 10; fi ;;
+    density) if [ -n "$QUICK" ]; then bash bench/boot/density.sh 1 5 10; else bash bench/boot/density.sh 1 10 25 50; fi ;;
+    network) bash bench/network/run.sh ;;
+  esac
+  rc=$?
+  if [ $rc -ne 0 ] || [ ! -s "$BENCH_OUT/$area.json" ]; then
+    FAILED+=("$area (exit $rc)")
+  fi
+done
+
+step "report"
+"$CARGO_TARGET_DIR/release/fatbox-bench-report" --results "$BENCH_OUT" --out bench/REPORT.md \
+  --charts bench/charts ${QUICK:+--quick} || exit 1
+if [ ${#FAILED[@]} -gt 0 ]; then
+  echo "bench/run.sh: these areas failed and are missing from the report: ${FAILED[*]}" >&2
+  exit 1
+fi
