@@ -93,7 +93,6 @@ fn open_pty(init_pid: i32) -> Result<(OwnedFd, OwnedFd)> {
         Mode::empty(),
     )
     .map_err(|e| Error::io("ptmx", e.into()))?;
-    let master = OwnedFd::from(master);
     let mut unlock: libc::c_int = 0;
     // SAFETY: TIOCSPTLCK takes a pointer to an int that outlives the call.
     if unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSPTLCK, &mut unlock) } < 0 {
