@@ -163,6 +163,13 @@ pub fn mount_rootfs(paths: &Paths, lowers_top_first: &[PathBuf]) -> Result<()> {
         std::fs::create_dir_all(d).map_err(io(d))?;
     }
     if !is_mountpoint(&paths.disk_mnt) {
+        if let Some(d) = loop_of(&paths.image) {
+            return Err(Error::Other(format!(
+                "{} is still attached to {}: not mounting it twice",
+                paths.image.display(),
+                d.display()
+            )));
+        }
         if grow_flag(paths).exists() {
             offline_grow(paths)?;
         }
@@ -211,8 +218,12 @@ pub fn mount_rootfs(paths: &Paths, lowers_top_first: &[PathBuf]) -> Result<()> {
     Ok(())
 }
 
-/// Unmounts the overlay and the disk (the loop device goes with it: autoclear).
+/// Unmounts the overlay and the disk (the loop device goes with it: autoclear), and waits
+/// until the filesystem is really gone: a lazily detached ext4 still held somewhere (another
+/// mount namespace) and mounted again through a second loop device would be two writers of
+/// one disk.
 pub fn unmount_rootfs(paths: &Paths) -> Result<()> {
+    let dev = mounted_device(&paths.disk_mnt);
     for p in [&paths.rootfs, &paths.disk_mnt] {
         // Submounts could exist if someone bound into the rootfs; detach everything under.
         while is_mountpoint(p) {
@@ -220,7 +231,34 @@ pub fn unmount_rootfs(paths: &Paths) -> Result<()> {
                 .map_err(|e| Error::sys(format!("umount {}", p.display()), e))?;
         }
     }
+    if dev.is_some() {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while let Some(d) = loop_of(&paths.image) {
+            if std::time::Instant::now() >= deadline {
+                return Err(Error::Other(format!(
+                    "{} is still attached to {} (its filesystem is held elsewhere)",
+                    paths.image.display(),
+                    d.display()
+                )));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
     Ok(())
+}
+
+/// The loop device backed by `image`, if any (from sysfs).
+pub fn loop_of(image: &Path) -> Option<PathBuf> {
+    let want = std::fs::canonicalize(image).unwrap_or_else(|_| image.to_path_buf());
+    let rd = std::fs::read_dir("/sys/block").ok()?;
+    rd.flatten().find_map(|e| {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !name.starts_with("loop") {
+            return None;
+        }
+        let b = std::fs::read_to_string(e.path().join("loop/backing_file")).ok()?;
+        (Path::new(b.trim()) == want).then(|| PathBuf::from(format!("/dev/{name}")))
+    })
 }
 
 const LOOP_SET_CAPACITY: libc::c_ulong = 0x4C07;
