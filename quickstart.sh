@@ -64,11 +64,12 @@ stop_ovs() {
 }
 
 # The operator's seat: a netns on VLAN 100, so the demo never touches the host's own routes.
+# Made fresh on every run: a rerun boots new instances with new MACs, and a neighbour cache
+# left from the last run would point at the old ones.
 start_ops_ns() {
-  ip netns list | grep -qw "$OPS_NS" || ip netns add "$OPS_NS"
-  if ! ip link show "$OPS_LINK" >/dev/null 2>&1; then
-    ip link add "$OPS_LINK" type veth peer name eth0 netns "$OPS_NS"
-  fi
+  stop_ops_ns
+  ip netns add "$OPS_NS"
+  ip link add "$OPS_LINK" type veth peer name eth0 netns "$OPS_NS"
   ip link set "$OPS_LINK" up
   ip netns exec "$OPS_NS" ip link set lo up
   ip netns exec "$OPS_NS" ip link set eth0 up

@@ -66,6 +66,8 @@ pub fn import(cfg: &Config, file: &Path, name: &str) -> Result<ImageInfo> {
         .map_err(io(&staging_parent))?;
     let opts = ConvertOptions {
         name: name.to_string(),
+        // The store is local: compressing would cost CPU on import and again on unpack.
+        compression: oci::Compression::None,
         ..ConvertOptions::default()
     };
     let report = convert(&guest, staging.path(), &opts, &mut |_| {})?;

@@ -156,6 +156,9 @@ pub struct Instance {
     /// Seam for the user-namespace issue: when true, root is mapped to a host range.
     #[serde(default)]
     pub userns: bool,
+    /// True when the instance has a metadata drive (configdrive.rs) bound at /config-drive.
+    #[serde(default)]
+    pub config_drive: bool,
     #[serde(default)]
     pub monitor: Option<ProcId>,
     #[serde(default)]
@@ -230,6 +233,7 @@ impl Instance {
             "power_state": self.power_state().code(),
             "flavor": self.flavor,
             "nics": self.nics.iter().map(|n| n.view()).collect::<Vec<_>>(),
+            "config_drive": self.config_drive,
             "init_pid": self.init.as_ref().filter(|p| p.alive()).map(|p| p.pid),
             "monitor_pid": self.monitor.as_ref().filter(|p| p.alive()).map(|p| p.pid),
             "created_at": self.created_at,

@@ -435,6 +435,18 @@ fn setup_and_exec(spec: &RuntimeSpec, slave_path: &Path, slave: &OwnedFd) -> Res
         bind(src, &t, false)?;
     }
 
+    for (src, rel) in &spec.ro_binds {
+        let t = at(rel);
+        // A guest symlink here would aim the bind at a host path.
+        if t.symlink_metadata().is_ok_and(|m| !m.is_dir()) {
+            return Err(Error::Invalid(format!(
+                "/{rel} in the guest is not a directory"
+            )));
+        }
+        mkdir(&t)?;
+        bind(src, &t, true)?;
+    }
+
     setup_dev(r, slave_path)?;
 
     for (p, mode) in [("run", "0755"), ("tmp", "1777")] {

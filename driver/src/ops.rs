@@ -50,6 +50,9 @@ pub struct CreateRequest {
     pub nics: Vec<serde_json::Value>,
     #[serde(default)]
     pub userns: bool,
+    /// Metadata drive files: relative path -> base64 content (configdrive.rs).
+    #[serde(default)]
+    pub config_drive: Option<std::collections::BTreeMap<String, String>>,
 }
 
 pub struct Manager {
@@ -145,6 +148,11 @@ impl Manager {
         };
         let image = images::lookup(&self.cfg, &req.image)?;
         self.precheck_nics(&uuid, &nics)?;
+        let drive = req
+            .config_drive
+            .as_ref()
+            .map(crate::configdrive::decode)
+            .transpose()?;
         for k in &req.ssh_keys {
             if k.contains('\n') || k.len() > 16384 {
                 return Err(Error::Invalid(
@@ -163,6 +171,7 @@ impl Manager {
             ssh_keys: req.ssh_keys.clone(),
             nics,
             userns: req.userns,
+            config_drive: drive.is_some(),
             monitor: None,
             init: None,
             created_at: now_secs(),
@@ -181,6 +190,12 @@ impl Manager {
             std::io::ErrorKind::AlreadyExists => Error::Conflict(format!("uuid {uuid} exists")),
             _ => Error::io(&dir, e),
         })?;
+        if let Some(files) = &drive {
+            if let Err(e) = crate::configdrive::write(&dir, files) {
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(e);
+            }
+        }
         inst.save(&dir)?;
         g.insert(uuid, inst.clone());
         Ok(inst)
@@ -246,7 +261,7 @@ impl Manager {
         self.plug_vifs(&inst, &rootfs)?;
         let cg = self.cgroups(uuid);
         cg.create(&inst.flavor)?;
-        let spec = RuntimeSpec {
+        let mut spec = RuntimeSpec {
             uuid: uuid.to_string(),
             hostname: inst.name.clone(),
             rootfs,
@@ -264,7 +279,15 @@ impl Manager {
             procfs_binds: crate::procfs::binds(&self.cfg.procfs),
             userns: inst.userns,
             binds,
+            ro_binds: Vec::new(),
         };
+        if inst.config_drive {
+            spec.env.push(crate::configdrive::PRODUCT_ENV.into());
+            spec.ro_binds.push((
+                dir.join(crate::configdrive::DIR),
+                crate::configdrive::GUEST_PATH.into(),
+            ));
+        }
         spec.save(&dir)?;
         for f in [INIT_FILE, EXIT_FILE, REBOOT_FLAG] {
             let _ = std::fs::remove_file(dir.join(f));

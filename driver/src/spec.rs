@@ -26,6 +26,9 @@ pub struct RuntimeSpec {
     /// filesystem at /mnt/rescue in a rescue boot).
     #[serde(default)]
     pub binds: Vec<(PathBuf, String)>,
+    /// Host directories bound read-only at guest paths (relative to the guest root).
+    #[serde(default)]
+    pub ro_binds: Vec<(PathBuf, String)>,
 }
 
 impl RuntimeSpec {

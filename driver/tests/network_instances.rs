@@ -290,6 +290,40 @@ fn instances_on_ovs_vlans() {
     ]);
     assert!(!dup.status.success(), "duplicate port id accepted");
     assert!(String::from_utf8_lossy(&dup.stderr).contains("(409)"));
+
+    // The API with a Nova-style VIF object (what the Nova driver sends): MTU applied inside.
+    let api = |method: &str, path: &str, body: Option<serde_json::Value>| {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let c = driver::client::Client::new(&d.socket);
+        rt.block_on(c.request(method, path, body.as_ref()))
+            .expect("API call")
+    };
+    let vif = serde_json::json!({"nic": {
+        "port_id": "0b9d6c1e-5f3a-4c2e-9d1b-7a6e5f4c3b2a", "vlan": 100, "mtu": 1400,
+        "ips": ["10.50.0.6/24"], "mac": "fa:16:3e:00:00:6c"}});
+    let r = api("POST", "/v1/instances/vm-b/interfaces", Some(vif));
+    assert_eq!(r.status, 201, "{}", r.error());
+    let v = r.json().expect("json");
+    assert_eq!(v["ifname"], "eth1");
+    assert_eq!(v["tap"], "tap0b9d6c1e-5f");
+    let link = d.exec("vm-b", "ip -o link show eth1");
+    assert!(
+        link.contains("mtu 1400") && link.contains("fa:16:3e:00:00:6c"),
+        "{link}"
+    );
+    let path = "/v1/instances/vm-b/interfaces/0b9d6c1e-5f3a-4c2e-9d1b-7a6e5f4c3b2a";
+    assert_eq!(api("DELETE", path, None).status, 204);
+    assert_eq!(api("DELETE", path, None).status, 404);
+    let bad = api(
+        "POST",
+        "/v1/instances/vm-b/interfaces",
+        Some(serde_json::json!({"nic": {"vlan": 100, "ips": ["10.50.0.6/24"], "mtu": 60}})),
+    );
+    assert_eq!(bad.status, 400, "{}", bad.error());
+    assert_eq!(d.show("vm-b")["nics"].as_array().map(Vec::len), Some(1));
     d.ok(&["interface-detach", "vm-a", &port2]);
     assert!(
         !d.exec("vm-a", "ip -o link").contains("eth1"),
@@ -299,6 +333,28 @@ fn instances_on_ovs_vlans() {
     assert!(host_links(&tap2).is_empty(), "veth left after detach");
     assert!(!h200.ns.ping("10.40.0.5"));
 
+    // Hot-plug cycles leak nothing: no OVS port, host veth or guest device left.
+    let before = ovs.ports().len();
+    for i in 0..10 {
+        let p = d
+            .ok(&[
+                "interface-attach",
+                "vm-a",
+                "--nic",
+                &format!("vlan=300,ip=10.70.0.{}/24", i + 1),
+            ])
+            .trim()
+            .to_string();
+        assert!(d
+            .exec("vm-a", "ip -o addr show eth1")
+            .contains(&format!("10.70.0.{}/24", i + 1)));
+        d.ok(&["interface-detach", "vm-a", &p]);
+        assert!(host_links(&format!("tap{}", &p[..11])).is_empty());
+    }
+    assert_eq!(ovs.ports().len(), before, "ports leaked by hot-plug cycles");
+    let devs = d.exec("vm-a", "ls /sys/class/net");
+    assert_eq!(devs.split_whitespace().collect::<Vec<_>>(), ["eth0", "lo"]);
+
     // Stop/start and reboot keep the NIC (same port, MAC and address).
     let tap_b = nic_of(&d, "vm-b", 0)["tap"]
         .as_str()
@@ -307,8 +363,39 @@ fn instances_on_ovs_vlans() {
     d.ok(&["stop", "vm-b"]);
     assert!(!ovs.ports().contains(&tap_b), "port kept while powered off");
     assert!(host_links(&tap_b).is_empty(), "veth kept while powered off");
+    // Attached while powered off: plugged at the next boot as eth1, configured by the guest.
+    let port3 = d
+        .ok(&[
+            "interface-attach",
+            "vm-b",
+            "--nic",
+            "vlan=200,ip=10.60.0.6/24",
+        ])
+        .trim()
+        .to_string();
+    let tap3 = format!("tap{}", &port3[..11]);
+    assert!(!ovs.ports().contains(&tap3), "plugged while powered off");
     d.ok(&["start", "vm-b"]);
     assert!(ovs.ports().contains(&tap_b));
+    assert!(d
+        .exec("vm-b", "ip -o addr show eth1")
+        .contains("10.60.0.6/24"));
+    run_ok(
+        "ip",
+        &[
+            "-n",
+            &h200.ns.name,
+            "addr",
+            "add",
+            "10.60.0.200/24",
+            "dev",
+            "h0",
+        ],
+    );
+    h200.ns.wait_ping("10.60.0.6");
+    d.ok(&["interface-detach", "vm-b", &port3]);
+    assert!(!ovs.ports().contains(&tap3));
+    assert!(!h200.ns.ping("10.60.0.6"));
     wait_guest_ping(&d, "vm-a", "10.20.0.6");
     d.ok(&["reboot", "vm-a"]);
     wait_guest_ping(&d, "vm-b", "10.20.0.5");
@@ -409,7 +496,18 @@ fn boot_timing_with_and_without_nic() {
         d.ok(&["delete", "nic"]);
         rows.push((plain, running, ssh));
     }
-    let log = std::fs::read_to_string(d.dir.path().join("fatboxd.log")).unwrap_or_default();
+    let raw = std::fs::read_to_string(d.dir.path().join("fatboxd.log")).unwrap_or_default();
+    // tracing colours field names even into a file.
+    let mut log = String::new();
+    let mut esc = false;
+    for c in raw.chars() {
+        match (esc, c) {
+            (false, '\x1b') => esc = true,
+            (true, 'm') => esc = false,
+            (true, _) => {}
+            (false, c) => log.push(c),
+        }
+    }
     let plug: Vec<&str> = log
         .lines()
         .filter(|l| l.contains("VIFs plugged"))

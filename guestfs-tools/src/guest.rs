@@ -103,15 +103,21 @@ impl Guest {
     /// Opens a disk image and assembles the guest tree.
     pub fn open(path: &Path, opts: &OpenOptions) -> Result<Guest> {
         let disk = block::open_image(path, opts)?;
-        Self::from_device(path.to_path_buf(), disk)
+        Self::from_device_with(path.to_path_buf(), disk, !opts.no_verify_csum)
     }
 
     pub fn from_device(path: PathBuf, disk: Device) -> Result<Guest> {
+        Self::from_device_with(path, disk, true)
+    }
+
+    /// `verify_csum`: check ext4 metadata checksums (see [`Ext4::open_with`]).
+    pub fn from_device_with(path: PathBuf, disk: Device, verify_csum: bool) -> Result<Guest> {
         let table = part::read_partitions(disk.as_ref())?;
         let mut filesystems = Vec::new();
         if table.kind == TableKind::None || table.partitions.is_empty() {
             filesystems.push(probe_fs(
                 disk.clone(),
+                verify_csum,
                 FsLocation {
                     partition: None,
                     start: 0,
@@ -125,6 +131,7 @@ impl Guest {
                 let dev = p.device(&disk)?;
                 filesystems.push(probe_fs(
                     dev,
+                    verify_csum,
                     FsLocation {
                         partition: Some(p.index),
                         start: p.start,
@@ -617,7 +624,7 @@ fn peek(dev: &Device, off: u64, len: usize) -> Option<Vec<u8>> {
     Some(buf)
 }
 
-fn probe_fs(dev: Device, location: FsLocation) -> GuestFs {
+fn probe_fs(dev: Device, verify_csum: bool, location: FsLocation) -> GuestFs {
     let mut fs = GuestFs {
         location,
         kind: "unknown".into(),
@@ -625,7 +632,7 @@ fn probe_fs(dev: Device, location: FsLocation) -> GuestFs {
         error: None,
     };
     if Ext4::probe(dev.as_ref()) {
-        match Ext4::open(dev) {
+        match Ext4::open_with(dev, verify_csum) {
             Ok(e) => {
                 fs.kind = e.info().kind.to_string();
                 fs.ext = Some(Arc::new(e));
@@ -662,24 +669,26 @@ fn probe_fs(dev: Device, location: FsLocation) -> GuestFs {
 /// The root filesystem is the readable one that looks like a Linux root; with several, the
 /// one that has an fstab mounting itself at `/` wins, else the first.
 fn find_root(filesystems: &[GuestFs]) -> Result<usize> {
-    let looks_like_root = |e: &Ext4| {
-        let has = |p: &[u8]| e.lookup(p).ok().flatten().is_some();
-        has(b"/etc") && (has(b"/usr") || has(b"/bin") || has(b"/sbin"))
+    let looks_like_root = |e: &Ext4| -> Result<bool> {
+        let has = |p: &[u8]| e.lookup(p).map(|i| i.is_some());
+        Ok(has(b"/etc")? && (has(b"/usr")? || has(b"/bin")? || has(b"/sbin")?))
     };
-    let candidates: Vec<usize> = filesystems
+    // A filesystem that cannot even be looked into (a checksum mismatch, ...) says why.
+    let verdicts: Vec<Result<bool>> = filesystems
         .iter()
-        .enumerate()
-        .filter(|(_, f)| f.ext.as_deref().is_some_and(looks_like_root))
-        .map(|(i, _)| i)
+        .map(|f| f.ext.as_deref().map_or(Ok(false), looks_like_root))
         .collect();
-    match candidates.first() {
-        Some(i) => Ok(*i),
+    match verdicts.iter().position(|v| matches!(v, Ok(true))) {
+        Some(i) => Ok(i),
         None => {
             let seen: Vec<String> = filesystems
                 .iter()
-                .map(|f| {
+                .zip(&verdicts)
+                .map(|(f, v)| {
                     let mut s = format!("{}: {}", describe_location(&f.location), f.kind);
                     if let Some(e) = &f.error {
+                        s.push_str(&format!(" ({e})"));
+                    } else if let Err(e) = v {
                         s.push_str(&format!(" ({e})"));
                     }
                     s

@@ -259,11 +259,13 @@ impl<W: Write> TarWriter<W> {
             buf.resize(CHUNK, 0);
         }
         let mut pos = 0u64;
-        let write_zeros = |w: &mut Self, mut n: u64, buf: &mut Vec<u8>| -> Result<()> {
-            buf.fill(0);
+        // Holes come from a shared zero block: clearing the 1 MiB copy buffer for every
+        // file (most have no holes) used to cost more than reading the data.
+        let write_zeros = |w: &mut Self, mut n: u64| -> Result<()> {
+            static ZEROS: [u8; 64 << 10] = [0u8; 64 << 10];
             while n > 0 {
-                let k = n.min(buf.len() as u64) as usize;
-                w.out.write_all(&buf[..k]).map_err(io_err)?;
+                let k = n.min(ZEROS.len() as u64) as usize;
+                w.out.write_all(&ZEROS[..k]).map_err(io_err)?;
                 n -= k as u64;
             }
             Ok(())
@@ -274,7 +276,7 @@ impl<W: Write> TarWriter<W> {
             if start < pos {
                 return Err(Error::corrupt("overlapping data runs in a file", start));
             }
-            write_zeros(self, start - pos, buf)?;
+            write_zeros(self, start - pos)?;
             pos = start;
             while pos < end {
                 let k = (end - pos).min(buf.len() as u64) as usize;
@@ -290,7 +292,7 @@ impl<W: Write> TarWriter<W> {
                 progress(k as u64);
             }
         }
-        write_zeros(self, size - pos, buf)?;
+        write_zeros(self, size - pos)?;
         self.stats.data_bytes += size;
         self.pad(size)
     }

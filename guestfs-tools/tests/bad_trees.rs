@@ -177,7 +177,7 @@ fn symlinks_out_of_the_guest_stay_symlinks_and_are_resolved_inside() {
 }
 
 /// The layout is a real OCI image: skopeo inspects it, and umoci (which predates zstd layers)
-/// unpacks the gzip flavour.
+/// unpacks the gzip and the uncompressed flavours.
 #[test]
 fn other_oci_tools_read_the_layout() {
     let tmp = tempfile::tempdir().expect("tempdir");
@@ -198,7 +198,13 @@ fn other_oci_tools_read_the_layout() {
             .arg(&img)
             .arg(&oci),
     );
-    for name in ["z", "g"] {
+    run_ok(
+        Command::new(bin())
+            .args(["convert", "--compression", "none", "--name", "n"])
+            .arg(&img)
+            .arg(&oci),
+    );
+    for name in ["z", "g", "n"] {
         let o = run_ok(
             Command::new("skopeo")
                 .arg("inspect")
@@ -208,17 +214,20 @@ fn other_oci_tools_read_the_layout() {
         assert_eq!(v["Layers"].as_array().map(Vec::len), Some(2), "{name}");
         assert_eq!(v["Os"], "linux");
     }
-    let bundle = tmp.path().join("bundle");
-    run_ok(
-        Command::new("umoci")
-            .args(["unpack", "--image"])
-            .arg(format!("{}:g", oci.display()))
-            .arg(&bundle),
-    );
-    assert_eq!(
-        std::fs::read_to_string(bundle.join("rootfs/srv/hello"))
-            .ok()
-            .as_deref(),
-        Some("hi\n")
-    );
+    for name in ["g", "n"] {
+        let bundle = tmp.path().join(format!("bundle-{name}"));
+        run_ok(
+            Command::new("umoci")
+                .args(["unpack", "--image"])
+                .arg(format!("{}:{name}", oci.display()))
+                .arg(&bundle),
+        );
+        assert_eq!(
+            std::fs::read_to_string(bundle.join("rootfs/srv/hello"))
+                .ok()
+                .as_deref(),
+            Some("hi\n"),
+            "{name}"
+        );
+    }
 }

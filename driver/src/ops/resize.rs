@@ -62,7 +62,7 @@ impl Manager {
                 // Half-applied limits would match neither flavor.
                 let _ = cg.apply(&old);
                 return Err(match e {
-                    Error::Io { source, .. } if source.raw_os_error() == Some(libc::EBUSY) => {
+                    Error::Io { err, .. } if err.raw_os_error() == Some(libc::EBUSY) => {
                         Error::Conflict(format!(
                             "memory_mb {}: the instance uses more than that",
                             new.memory_mb

@@ -29,6 +29,10 @@ struct Cli {
     /// Image format instead of probing it: raw or qcow2.
     #[arg(long, global = true, value_name = "FMT")]
     format: Option<String>,
+    /// Read ext4 filesystems without verifying their metadata checksums (a damaged image,
+    /// read as far as its structure allows).
+    #[arg(long, global = true)]
+    no_verify_csum: bool,
     /// More logging (repeat for debug).
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     verbose: u8,
@@ -53,7 +57,7 @@ enum Cmd {
         /// Name of the image in the layout (index.json ref name).
         #[arg(long, default_value = "latest")]
         name: String,
-        /// Layer compression: zstd or gzip.
+        /// Layer compression: none (plain tar, for a local store), zstd or gzip (for upload).
         #[arg(long, default_value = "zstd")]
         compression: String,
         /// Compression level (zstd -7..19, gzip 1-9). 1 keeps zstd near disk speed on small hosts.
@@ -122,6 +126,7 @@ fn open(cli: &Cli, image: &Path) -> Result<Guest> {
     let opts = OpenOptions {
         allow_backing_dirs: cli.allow_backing_dir.clone(),
         format: cli.format.clone(),
+        no_verify_csum: cli.no_verify_csum,
     };
     Guest::open(image, &opts).with_context(|| format!("opening {}", image.display()))
 }

@@ -53,6 +53,8 @@ pub struct OpenOptions {
     pub allow_backing_dirs: Vec<PathBuf>,
     /// Force a format instead of probing ("raw" or "qcow2").
     pub format: Option<String>,
+    /// Read ext4 filesystems without verifying their metadata checksums.
+    pub no_verify_csum: bool,
 }
 
 pub type Device = Arc<dyn BlockDevice>;

@@ -114,6 +114,9 @@ impl Ext4 {
                         ));
                     }
                     let b = self.meta_block(blk, "directory block")?;
+                    if self.csum.is_some() {
+                        super::csum::verify_dir_block(inode.csum_seed, ino, &b, blk * bs)?;
+                    }
                     self.parse_dirents(&b, blk * bs, &mut out)?;
                 }
             }

@@ -31,6 +31,12 @@ impl Ext4 {
         let blk = off / bs;
         let within = usize::try_from(off % bs).unwrap_or(usize::MAX);
         let b = self.meta_block(blk, "group descriptor")?;
+        if let Some(seed) = self.csum {
+            let desc = b
+                .get(within..within.saturating_add(usize::from(self.sb.desc_size)))
+                .ok_or_else(|| Error::corrupt("group descriptor crosses its block", off))?;
+            super::csum::verify_group_desc(seed, g, desc, off)?;
+        }
         let lo = u64::from(le32(&b, within.saturating_add(0x8)));
         let hi = if self.sb.has_incompat(INCOMPAT_64BIT) && self.sb.desc_size >= 64 {
             u64::from(le32(&b, within.saturating_add(0x28)))
@@ -65,10 +71,19 @@ impl Ext4 {
         let raw = b
             .get(start..start.saturating_add(usize::from(self.sb.inode_size)))
             .ok_or_else(|| Error::corrupt("inode crosses its block", blk * self.bs()))?;
-        Ok(self.decode_inode(ino, raw))
+        let iseed = match self.csum {
+            Some(seed) => {
+                let iseed = super::csum::inode_seed(seed, ino, le32(raw, 0x64));
+                let at = (blk * self.bs()).saturating_add(start as u64);
+                super::csum::verify_inode(iseed, ino, raw, at)?;
+                iseed
+            }
+            None => 0,
+        };
+        Ok(self.decode_inode(ino, raw, iseed))
     }
 
-    fn decode_inode(&self, ino: u32, r: &[u8]) -> Inode {
+    fn decode_inode(&self, ino: u32, r: &[u8], csum_seed: u32) -> Inode {
         let mode = le16(r, 0x0);
         let flags = le32(r, 0x20);
         let is_reg = mode & 0o170000 == 0o100000;
@@ -141,6 +156,7 @@ impl Ext4 {
             sectors,
             file_acl: u64::from(le32(r, 0x68)) | (u64::from(le16(r, 0x76)) << 32),
             ibody,
+            csum_seed,
         }
     }
 

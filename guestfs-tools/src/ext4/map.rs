@@ -137,6 +137,14 @@ impl Ext4 {
             let child = u64::from(le32(e, 4)) | (u64::from(le16(e, 8)) << 32);
             node = self.meta_block(child, "extent index")?;
             node_blk = child;
+            if self.csum.is_some() {
+                super::csum::verify_extent_block(
+                    inode.csum_seed,
+                    inode.ino,
+                    &node,
+                    child.saturating_mul(self.bs()),
+                )?;
+            }
             expect_depth = Some(depth - 1);
         }
         Err(Error::corrupt(

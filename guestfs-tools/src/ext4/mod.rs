@@ -5,6 +5,7 @@
 //! is never written).
 
 mod bytes;
+mod csum;
 mod dev;
 mod dir;
 mod inode;
@@ -86,6 +87,8 @@ pub struct Inode {
     file_acl: u64,
     /// The in-inode extended attribute area (after i_extra_isize), possibly empty.
     ibody: Vec<u8>,
+    /// Seed of this inode's extent and directory block checksums (metadata_csum).
+    csum_seed: u32,
 }
 
 impl Inode {
@@ -147,6 +150,8 @@ pub struct Ext4 {
     /// Journal replay result: filesystem block → its committed contents.
     overlay: journal::Overlay,
     cache: Mutex<BlockCache>,
+    /// The filesystem's checksum seed when metadata checksums are verified.
+    csum: Option<u32>,
 }
 
 impl std::fmt::Debug for Ext4 {
@@ -164,8 +169,15 @@ impl Ext4 {
             && u16::from_le_bytes(m) == sb::MAGIC
     }
 
-    /// Opens the filesystem, replaying a journal that needs recovery in memory.
+    /// Opens the filesystem, replaying a journal that needs recovery in memory, and verifying
+    /// metadata checksums when the filesystem has them.
     pub fn open(dev: Device) -> Result<Ext4> {
+        Self::open_with(dev, true)
+    }
+
+    /// [`Ext4::open`], with metadata checksum verification switchable (off reads a damaged
+    /// filesystem as far as its structure allows, like `debugfs -n`).
+    pub fn open_with(dev: Device, verify_csum: bool) -> Result<Ext4> {
         let mut raw = vec![0u8; sb::SB_SIZE];
         if dev.size() < sb::SB_OFFSET + sb::SB_SIZE as u64 {
             return Err(Error::corrupt("device too small for an ext superblock", 0));
@@ -189,6 +201,7 @@ impl Ext4 {
                 map: HashMap::new(),
                 tick: 0,
             }),
+            csum: None,
         };
         if fs.sb.has_compat(sb::COMPAT_HAS_JOURNAL) && fs.sb.has_incompat(sb::INCOMPAT_RECOVER) {
             let (overlay, replayed) = journal::replay(&fs)?;
@@ -205,6 +218,21 @@ impl Ext4 {
             fs.info = Self::make_info(&fs.sb, replayed);
         } else if fs.sb.has_incompat(sb::INCOMPAT_RECOVER) {
             tracing::warn!("needs_recovery set without a journal; ignoring");
+        }
+        if verify_csum && fs.sb.has_ro_compat(sb::RO_COMPAT_METADATA_CSUM) {
+            // After the replay: the journal carries the superblock it commits.
+            if fs.sb.checksum_type != 1 {
+                return Err(Error::Unsupported(format!(
+                    "ext metadata checksum type {} (only crc32c is defined)",
+                    fs.sb.checksum_type
+                )));
+            }
+            csum::verify_superblock(&raw, sb::SB_OFFSET)?;
+            fs.csum = Some(csum::fs_seed(
+                &raw,
+                fs.sb.has_incompat(sb::INCOMPAT_CSUM_SEED),
+                &fs.sb.uuid,
+            ));
         }
         Ok(fs)
     }

@@ -66,6 +66,7 @@ pub(crate) const RO_COMPAT_SPARSE_SUPER: u32 = 0x1;
 pub(crate) const RO_COMPAT_LARGE_FILE: u32 = 0x2;
 pub(crate) const RO_COMPAT_BTREE_DIR: u32 = 0x4;
 pub(crate) const RO_COMPAT_HUGE_FILE: u32 = 0x8;
+pub(crate) const RO_COMPAT_METADATA_CSUM: u32 = 0x400;
 
 #[derive(Debug, Clone)]
 pub(crate) struct Superblock {
@@ -88,6 +89,8 @@ pub(crate) struct Superblock {
     pub journal_dev: u32,
     pub first_meta_bg: u32,
     pub backup_bgs: [u32; 2],
+    /// s_checksum_type: 1 is crc32c, the only one defined.
+    pub checksum_type: u8,
 }
 
 fn cstr(b: &[u8]) -> Option<String> {
@@ -213,6 +216,7 @@ impl Superblock {
             journal_dev: le32(b, 0xE4),
             first_meta_bg: le32(b, 0x104),
             backup_bgs: [le32(b, 0x24C), le32(b, 0x250)],
+            checksum_type: b.get(0x175).copied().unwrap_or(0),
         })
     }
 

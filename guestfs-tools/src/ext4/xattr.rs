@@ -151,6 +151,9 @@ impl Ext4 {
             if le32(&b, 0) != XATTR_MAGIC || le32(&b, 8) != 1 {
                 return Err(Error::corrupt("xattr block header", at));
             }
+            if let Some(seed) = self.csum {
+                super::csum::verify_xattr_block(seed, acl, &b, at)?;
+            }
             self.parse_xattr_entries(b.get(32..).unwrap_or(&[]), &b, at, resolve_ea, &mut out)?;
         }
         Ok(out)

@@ -14,6 +14,9 @@ use std::fs::File;
 use std::io::{BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::Arc;
+use std::thread::JoinHandle;
 
 pub use unpack::{unpack_layer, UnpackMode, UnpackStats};
 
@@ -22,6 +25,9 @@ pub const REF_NAME: &str = "org.opencontainers.image.ref.name";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Compression {
+    /// Plain tar: for a local cache, where the bytes never cross a network and compressing
+    /// them would only cost CPU on import and on unpack.
+    None,
     #[default]
     Zstd,
     Gzip,
@@ -30,8 +36,17 @@ pub enum Compression {
 impl Compression {
     pub fn media_type(self) -> MediaType {
         match self {
+            Compression::None => MediaType::ImageLayer,
             Compression::Zstd => MediaType::ImageLayerZstd,
             Compression::Gzip => MediaType::ImageLayerGzip,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Compression::None => "none",
+            Compression::Zstd => "zstd",
+            Compression::Gzip => "gzip",
         }
     }
 }
@@ -40,10 +55,11 @@ impl FromStr for Compression {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self> {
         match s {
+            "none" => Ok(Compression::None),
             "zstd" => Ok(Compression::Zstd),
             "gzip" => Ok(Compression::Gzip),
             _ => Err(Error::Other(format!(
-                "unknown compression {s:?} (use zstd or gzip)"
+                "unknown compression {s:?} (use none, zstd or gzip)"
             ))),
         }
     }
@@ -134,7 +150,7 @@ impl<W: Write> Compressor<W> {
 /// A finished layer blob.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct LayerInfo {
-    /// Digest of the compressed blob ("sha256:...").
+    /// Digest of the stored blob ("sha256:..."); the diff_id when uncompressed.
     pub digest: String,
     /// Digest of the uncompressed tar (the config's diff_id).
     pub diff_id: String,
@@ -144,30 +160,162 @@ pub struct LayerInfo {
     pub media_type: MediaType,
 }
 
-/// Receives an uncompressed tar stream and stores it as a compressed, content-addressed blob.
+/// Bytes of tar per hand-off between the producer and the hashing/compressing threads.
+const CHUNK: usize = 1 << 20;
+/// Chunks in flight per consumer: bounds memory (≈ 2 × DEPTH MiB) while letting the
+/// producer run ahead of a momentarily slower consumer.
+const DEPTH: usize = 4;
+
+type Chunk = Arc<Vec<u8>>;
+
+/// What the blob thread hands back: the temp file, its digest and size (None when the
+/// blob is the tar itself, whose digest the tar hasher computes).
+type BlobDone = (tempfile::NamedTempFile, Option<(String, u64)>);
+
+/// Receives an uncompressed tar stream and stores it as a content-addressed blob.
+///
+/// The stream is cut into 1 MiB chunks that two threads consume in parallel with the
+/// producer (which reads the guest's files): one hashes the tar (the diff_id), the other
+/// compresses, hashes and writes the blob. On a small host this turns three serial costs
+/// (read, sha256, compress) into a pipeline bounded by the slowest of them.
 pub struct LayerSink {
-    w: Hashing<Compressor<Hashing<BufWriter<tempfile::NamedTempFile>>>>,
+    buf: Vec<u8>,
+    to_hash: Option<SyncSender<Chunk>>,
+    to_blob: Option<SyncSender<Chunk>>,
+    /// Empty chunks coming back from whichever consumer let go of them last.
+    spare: Receiver<Vec<u8>>,
+    hasher: Option<JoinHandle<(String, u64)>>,
+    blob: Option<JoinHandle<std::io::Result<BlobDone>>>,
     blobs: PathBuf,
     compression: Compression,
 }
 
-impl Write for LayerSink {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.w.write(buf)
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.w.flush()
+/// Hands a chunk's buffer back to the producer once both consumers are done with it.
+fn recycle(chunk: Chunk, spare: &SyncSender<Vec<u8>>) {
+    if let Some(mut v) = Arc::into_inner(chunk) {
+        v.clear();
+        let _ = spare.try_send(v);
     }
 }
 
+fn spawn_hasher(rx: Receiver<Chunk>, spare: SyncSender<Vec<u8>>) -> JoinHandle<(String, u64)> {
+    std::thread::spawn(move || {
+        let mut h = Sha256::new();
+        let mut len = 0u64;
+        for chunk in rx {
+            h.update(&chunk[..]);
+            len += chunk.len() as u64;
+            recycle(chunk, &spare);
+        }
+        (hex::encode(h.finalize()), len)
+    })
+}
+
+fn spawn_blob_writer(
+    rx: Receiver<Chunk>,
+    spare: SyncSender<Vec<u8>>,
+    tmp: tempfile::NamedTempFile,
+    compression: Compression,
+    level: i32,
+    threads: u32,
+) -> JoinHandle<std::io::Result<BlobDone>> {
+    std::thread::spawn(move || {
+        if compression == Compression::None {
+            // Chunks are large already: write them straight to the file, no second hash.
+            let mut f = tmp;
+            for chunk in rx {
+                f.write_all(&chunk)?;
+                recycle(chunk, &spare);
+            }
+            return Ok((f, None));
+        }
+        let file = Hashing::new(BufWriter::with_capacity(CHUNK, tmp));
+        let mut comp = match compression {
+            Compression::Gzip => Compressor::Gzip(flate2::write::GzEncoder::new(
+                file,
+                flate2::Compression::new(level.clamp(1, 9) as u32),
+            )),
+            _ => {
+                let mut e = zstd::Encoder::new(file, level)?;
+                if threads > 1 {
+                    e.multithread(threads)?;
+                }
+                Compressor::Zstd(e)
+            }
+        };
+        for chunk in rx {
+            comp.write_all(&chunk)?;
+            recycle(chunk, &spare);
+        }
+        let (buf, digest, size) = comp.finish()?.finish();
+        let tmp = buf.into_inner().map_err(|e| e.into_error())?;
+        Ok((tmp, Some((digest, size))))
+    })
+}
+
 impl LayerSink {
-    pub fn finish(self) -> Result<LayerInfo> {
-        let (comp, diff, tar_size) = self.w.finish();
-        let hashed = comp.finish().map_err(io(&self.blobs))?;
-        let (buf, digest, size) = hashed.finish();
-        let tmp = buf
-            .into_inner()
-            .map_err(|e| Error::io(&self.blobs, e.into_error()))?;
+    fn send(&mut self) -> std::io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let next = self
+            .spare
+            .try_recv()
+            .unwrap_or_else(|_| Vec::with_capacity(CHUNK));
+        let chunk = Arc::new(std::mem::replace(&mut self.buf, next));
+        let ok = match (&self.to_hash, &self.to_blob) {
+            (Some(h), Some(b)) => h.send(chunk.clone()).is_ok() && b.send(chunk).is_ok(),
+            _ => false,
+        };
+        if ok {
+            Ok(())
+        } else {
+            Err(self.stopped())
+        }
+    }
+
+    /// Why a consumer stopped early (the blob write failed: disk full, ...): its own error,
+    /// so the user sees the cause rather than a broken pipe.
+    fn stopped(&mut self) -> std::io::Error {
+        self.to_hash = None;
+        self.to_blob = None;
+        let why = match self.blob.take().map(JoinHandle::join) {
+            Some(Ok(Err(e))) => e,
+            Some(Err(_)) => std::io::Error::other("layer writer thread panicked"),
+            _ => std::io::Error::new(std::io::ErrorKind::BrokenPipe, "layer writer stopped"),
+        };
+        if let Some(h) = self.hasher.take() {
+            let _ = h.join();
+        }
+        why
+    }
+
+    fn join(&mut self) -> Result<((String, u64), BlobDone)> {
+        self.to_hash = None;
+        self.to_blob = None;
+        let panicked = || Error::Other("layer writer thread panicked".into());
+        let Some(blob) = self.blob.take() else {
+            let why = self.stopped();
+            return Err(Error::io(&self.blobs, why));
+        };
+        let blob = blob
+            .join()
+            .map_err(|_| panicked())?
+            .map_err(io(&self.blobs))?;
+        let tar = self
+            .hasher
+            .take()
+            .ok_or_else(panicked)?
+            .join()
+            .map_err(|_| panicked())?;
+        Ok((tar, blob))
+    }
+
+    pub fn finish(mut self) -> Result<LayerInfo> {
+        let flushed = self.send();
+        let ((diff, tar_size), (tmp, blob)) = self.join()?;
+        flushed.map_err(io(&self.blobs))?;
+        let (digest, size) = blob.unwrap_or_else(|| (diff.clone(), tar_size));
         tmp.as_file().sync_all().map_err(io(&self.blobs))?;
         let dest = self.blobs.join(&digest);
         tmp.persist(&dest).map_err(|e| Error::io(&dest, e.error))?;
@@ -179,6 +327,34 @@ impl LayerSink {
             tar_size,
             media_type: self.compression.media_type(),
         })
+    }
+}
+
+impl Write for LayerSink {
+    fn write(&mut self, mut data: &[u8]) -> std::io::Result<usize> {
+        let n = data.len();
+        while !data.is_empty() {
+            let room = CHUNK - self.buf.len();
+            let (now, rest) = data.split_at(room.min(data.len()));
+            self.buf.extend_from_slice(now);
+            data = rest;
+            if self.buf.len() == CHUNK {
+                self.send()?;
+            }
+        }
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for LayerSink {
+    fn drop(&mut self) {
+        // Abandoned (an error upstream): stop the threads; the temp file deletes itself.
+        if self.blob.is_some() || self.hasher.is_some() {
+            let _ = self.stopped();
+        }
     }
 }
 
@@ -247,22 +423,29 @@ impl Layout {
             .prefix(".tmp-layer-")
             .tempfile_in(&blobs)
             .map_err(io(&blobs))?;
-        let file = Hashing::new(BufWriter::with_capacity(1 << 20, tmp));
-        let comp = match compression {
-            Compression::Zstd => {
-                let mut e = zstd::Encoder::new(file, level).map_err(io(&blobs))?;
-                if threads > 1 {
-                    e.multithread(threads).map_err(io(&blobs))?;
-                }
-                Compressor::Zstd(e)
+        if compression == Compression::Zstd {
+            // Fail here, not in the thread, on a level zstd does not know.
+            let range = zstd::compression_level_range();
+            if !range.contains(&level) {
+                return Err(Error::Other(format!(
+                    "zstd level {level} outside {}..={}",
+                    range.start(),
+                    range.end()
+                )));
             }
-            Compression::Gzip => Compressor::Gzip(flate2::write::GzEncoder::new(
-                file,
-                flate2::Compression::new(level.clamp(1, 9) as u32),
-            )),
-        };
+        }
+        let (hash_tx, hash_rx) = sync_channel(DEPTH);
+        let (blob_tx, blob_rx) = sync_channel(DEPTH);
+        let (spare_tx, spare_rx) = sync_channel(2 * DEPTH + 2);
+        let hasher = spawn_hasher(hash_rx, spare_tx.clone());
+        let blob = spawn_blob_writer(blob_rx, spare_tx, tmp, compression, level, threads);
         Ok(LayerSink {
-            w: Hashing::new(comp),
+            buf: Vec::with_capacity(CHUNK),
+            to_hash: Some(hash_tx),
+            to_blob: Some(blob_tx),
+            spare: spare_rx,
+            hasher: Some(hasher),
+            blob: Some(blob),
             blobs,
             compression,
         })

@@ -46,6 +46,13 @@ pub fn open(img: &Path) -> Ext4 {
     Ext4::open(dev).expect("open ext fs")
 }
 
+/// Opens without metadata checksum verification: for tests that patch raw bytes and want
+/// the parser behind the checksums to meet them.
+pub fn open_unverified(img: &Path) -> Ext4 {
+    let dev: Device = Arc::new(RawImage::open(img).expect("open image"));
+    Ext4::open_with(dev, false).expect("open ext fs")
+}
+
 pub fn sha256(data: &[u8]) -> String {
     hex::encode(Sha256::digest(data))
 }
