@@ -2,7 +2,7 @@
 
 use crate::error::Error;
 use crate::images;
-use crate::ops::{CreateRequest, Manager};
+use crate::ops::{CreateRequest, Manager, RebuildRequest, RescueRequest, ResizeRequest};
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -142,6 +142,12 @@ struct ActionReq {
     action: String,
     #[serde(default)]
     timeout: Option<u64>,
+    /// rebuild, rescue: the image (default: the instance's).
+    #[serde(default)]
+    image: Option<String>,
+    /// resize: the fields to change.
+    #[serde(flatten)]
+    resize: ResizeRequest,
 }
 
 async fn action(
@@ -155,9 +161,16 @@ async fn action(
         "reboot" => m.reboot(&id, false),
         "reboot_hard" | "hard_reboot" => m.reboot(&id, true),
         "pause" => m.pause(&id, true),
-        "resume" | "unpause" => m.pause(&id, false),
+        "unpause" => m.pause(&id, false),
+        "suspend" => m.suspend(&id),
+        "resume" => m.resume(&id),
+        "resize" => m.resize(&id, &req.resize),
+        "rebuild" => m.rebuild(&id, &RebuildRequest { image: req.image }),
+        "rescue" => m.rescue(&id, &RescueRequest { image: req.image }),
+        "unrescue" => m.unrescue(&id),
         other => Err(Error::Invalid(format!(
-            "unknown action {other:?} (stop, start, reboot, reboot_hard, pause, resume)"
+            "unknown action {other:?} (stop, start, reboot, reboot_hard, pause, unpause, \
+             suspend, resume, resize, rebuild, rescue, unrescue)"
         ))),
     })
     .await?;

@@ -60,6 +60,9 @@ impl Cgroups {
         for d in &self.dirs {
             std::fs::create_dir_all(d).map_err(io(d))?;
         }
+        if !self.v1 {
+            enable_v2_controllers(&self.unified);
+        }
         self.apply(flavor)
     }
 
@@ -99,6 +102,7 @@ impl Cgroups {
                 for f in ["cpuset.cpus", "cpuset.mems"] {
                     inherit_cpuset(c, f)?;
                 }
+                self.set_cpus(c, "cpuset.cpus", flavor.vcpus)?;
             }
         } else {
             let u = &self.unified;
@@ -117,8 +121,62 @@ impl Cgroups {
                 &(flavor.swap_mb.saturating_mul(1 << 20)).to_string(),
             )?;
             write(u, "pids.max", &pids_max(flavor).to_string())?;
+            if u.join("cpuset.cpus").exists() {
+                self.set_cpus(u, "cpuset.cpus", flavor.vcpus)?;
+            }
         }
         Ok(())
+    }
+
+    /// Gives the instance `vcpus` host CPUs, the ones least used by its sibling instances, so
+    /// that `nproc` (the CPU affinity) inside says vcpus, as fatbox-procfs' cpuinfo and
+    /// cpu/online do. More vcpus than the parent has: all of them. A live change moves the
+    /// tasks' affinity with it (the kernel rewrites it when cpuset.cpus changes).
+    fn set_cpus(&self, dir: &Path, file: &str, vcpus: u32) -> Result<()> {
+        let Some(parent) = dir.parent() else {
+            return Ok(());
+        };
+        let avail = read_cpus(parent, file)
+            .or_else(|| read_cpus(parent, "cpuset.cpus.effective"))
+            .unwrap_or_default();
+        if avail.is_empty() {
+            return Ok(());
+        }
+        let want = usize::try_from(vcpus).unwrap_or(usize::MAX);
+        let cpus = if want >= avail.len() {
+            avail
+        } else {
+            let mine = dir.file_name();
+            let mut load: Vec<(u32, u32)> = avail.iter().map(|&c| (c, 0)).collect();
+            for e in std::fs::read_dir(parent).into_iter().flatten().flatten() {
+                if Some(e.file_name().as_os_str()) == mine
+                    || !e.file_type().map(|t| t.is_dir()).unwrap_or(false)
+                {
+                    continue;
+                }
+                for c in read_cpus(&e.path(), file).unwrap_or_default() {
+                    if let Some(l) = load.iter_mut().find(|(x, _)| *x == c) {
+                        l.1 = l.1.saturating_add(1);
+                    }
+                }
+            }
+            // Keep the CPUs the instance has (a resize must not shuffle it around), then the
+            // least loaded; among equals CPU order (stable sort).
+            let cur = read_cpus(dir, file).unwrap_or_default();
+            load.sort_by_key(|&(c, n)| (!cur.contains(&c), n));
+            let mut pick: Vec<u32> = load.iter().take(want).map(|&(c, _)| c).collect();
+            pick.sort_unstable();
+            pick
+        };
+        write(dir, file, &format_cpus(&cpus))
+    }
+
+    /// The host CPUs of the instance's cpuset (None without a cpuset controller).
+    pub fn cpus(&self) -> Option<Vec<u32>> {
+        if let Some(c) = self.v1("cpuset") {
+            return read_cpus(c, "cpuset.effective_cpus").or_else(|| read_cpus(c, "cpuset.cpus"));
+        }
+        read_cpus(&self.unified, "cpuset.cpus.effective")
     }
 
     /// Freezes or thaws every process of the instance.
@@ -183,6 +241,69 @@ impl Cgroups {
     pub fn exists(&self) -> bool {
         self.dirs.iter().any(|d| d.exists())
     }
+}
+
+/// On a pure cgroup2 host a child only gets the controllers its ancestors delegate: turn
+/// them on from the root down (each one alone, so a missing controller does not stop the
+/// others).
+fn enable_v2_controllers(dir: &Path) {
+    let root = Path::new(ROOT);
+    let mut chain: Vec<&Path> = dir
+        .ancestors()
+        .skip(1)
+        .take_while(|a| a.starts_with(root))
+        .collect();
+    chain.reverse();
+    for a in chain {
+        for c in ["cpu", "memory", "pids", "cpuset"] {
+            let _ = std::fs::write(a.join("cgroup.subtree_control"), format!("+{c}"));
+        }
+    }
+}
+
+/// Parses a cpu list ("0-3,6"); None when the file is missing or empty.
+fn read_cpus(dir: &Path, file: &str) -> Option<Vec<u32>> {
+    let s = std::fs::read_to_string(dir.join(file)).ok()?;
+    let v = parse_cpus(s.trim())?;
+    (!v.is_empty()).then_some(v)
+}
+
+pub fn parse_cpus(s: &str) -> Option<Vec<u32>> {
+    let mut out = Vec::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        match part.split_once('-') {
+            Some((a, b)) => {
+                let (a, b): (u32, u32) = (a.parse().ok()?, b.parse().ok()?);
+                if b < a || b - a > 65536 {
+                    return None;
+                }
+                out.extend(a..=b);
+            }
+            None => out.push(part.parse().ok()?),
+        }
+    }
+    out.sort_unstable();
+    out.dedup();
+    Some(out)
+}
+
+pub fn format_cpus(cpus: &[u32]) -> String {
+    let mut parts = Vec::new();
+    let mut i = 0;
+    while let Some(&start) = cpus.get(i) {
+        let mut end = start;
+        while cpus.get(i + 1) == Some(&(end + 1)) {
+            end += 1;
+            i += 1;
+        }
+        parts.push(if end == start {
+            start.to_string()
+        } else {
+            format!("{start}-{end}")
+        });
+        i += 1;
+    }
+    parts.join(",")
 }
 
 fn pids_max(flavor: &Flavor) -> u64 {
@@ -262,5 +383,20 @@ fn remove_tree(dir: &Path) -> Result<()> {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(Error::io(dir, e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_lists_round_trip() {
+        assert_eq!(parse_cpus("0-3,6,8-9"), Some(vec![0, 1, 2, 3, 6, 8, 9]));
+        assert_eq!(format_cpus(&[0, 1, 2, 3, 6, 8, 9]), "0-3,6,8-9");
+        assert_eq!(format_cpus(&[1]), "1");
+        assert_eq!(parse_cpus(""), Some(vec![]));
+        assert_eq!(parse_cpus("3-1"), None);
+        assert_eq!(parse_cpus("x"), None);
     }
 }

@@ -163,6 +163,16 @@ pub fn mount_rootfs(paths: &Paths, lowers_top_first: &[PathBuf]) -> Result<()> {
         std::fs::create_dir_all(d).map_err(io(d))?;
     }
     if !is_mountpoint(&paths.disk_mnt) {
+        if let Some(d) = loop_of(&paths.image) {
+            return Err(Error::Other(format!(
+                "{} is still attached to {}: not mounting it twice",
+                paths.image.display(),
+                d.display()
+            )));
+        }
+        if grow_flag(paths).exists() {
+            offline_grow(paths)?;
+        }
         let (loopf, dev) = attach_loop(&paths.image)?;
         let r = mount(
             Some(&dev),
@@ -208,8 +218,12 @@ pub fn mount_rootfs(paths: &Paths, lowers_top_first: &[PathBuf]) -> Result<()> {
     Ok(())
 }
 
-/// Unmounts the overlay and the disk (the loop device goes with it: autoclear).
+/// Unmounts the overlay and the disk (the loop device goes with it: autoclear), and waits
+/// until the filesystem is really gone: a lazily detached ext4 still held somewhere (another
+/// mount namespace) and mounted again through a second loop device would be two writers of
+/// one disk.
 pub fn unmount_rootfs(paths: &Paths) -> Result<()> {
+    let dev = mounted_device(&paths.disk_mnt);
     for p in [&paths.rootfs, &paths.disk_mnt] {
         // Submounts could exist if someone bound into the rootfs; detach everything under.
         while is_mountpoint(p) {
@@ -217,6 +231,133 @@ pub fn unmount_rootfs(paths: &Paths) -> Result<()> {
                 .map_err(|e| Error::sys(format!("umount {}", p.display()), e))?;
         }
     }
+    if dev.is_some() {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while let Some(d) = loop_of(&paths.image) {
+            if std::time::Instant::now() >= deadline {
+                return Err(Error::Other(format!(
+                    "{} is still attached to {} (its filesystem is held elsewhere)",
+                    paths.image.display(),
+                    d.display()
+                )));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
+    Ok(())
+}
+
+/// The loop device backed by `image`, if any (from sysfs).
+pub fn loop_of(image: &Path) -> Option<PathBuf> {
+    let want = std::fs::canonicalize(image).unwrap_or_else(|_| image.to_path_buf());
+    let rd = std::fs::read_dir("/sys/block").ok()?;
+    rd.flatten().find_map(|e| {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !name.starts_with("loop") {
+            return None;
+        }
+        let b = std::fs::read_to_string(e.path().join("loop/backing_file")).ok()?;
+        (Path::new(b.trim()) == want).then(|| PathBuf::from(format!("/dev/{name}")))
+    })
+}
+
+const LOOP_SET_CAPACITY: libc::c_ulong = 0x4C07;
+
+/// The block device mounted at `mnt` (from our mountinfo), if any.
+fn mounted_device(mnt: &Path) -> Option<PathBuf> {
+    let m = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let want = mnt.to_string_lossy();
+    m.lines().find_map(|l| {
+        let mut f = l.split(' ');
+        if f.nth(4)? != want {
+            return None;
+        }
+        // Optional fields end at " - "; then fstype and source.
+        let rest = l.split(" - ").nth(1)?;
+        let src = rest.split(' ').nth(1)?;
+        src.starts_with("/dev/").then(|| PathBuf::from(src))
+    })
+}
+
+/// Marks a disk whose filesystem must still grow to its file's size (done before the next
+/// mount).
+fn grow_flag(paths: &Paths) -> PathBuf {
+    let mut p = paths.image.clone().into_os_string();
+    p.push(".grow-pending");
+    PathBuf::from(p)
+}
+
+/// What `grow` achieved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Grown {
+    Now,
+    /// Online ext4 resize needs CAP_SYS_RESOURCE, which fatboxd lacks (some sandboxes drop
+    /// it even for root): the filesystem grows offline before the next mount.
+    AtNextBoot,
+}
+
+/// Grows the disk image to `root_gb` and its ext4 filesystem with it: online through the
+/// loop device when the disk is mounted, offline (fsck first, as resize2fs demands) when not.
+pub fn grow(paths: &Paths, root_gb: u64) -> Result<Grown> {
+    let size = root_gb
+        .checked_mul(1 << 30)
+        .ok_or_else(|| Error::Invalid("root_gb overflows".into()))?;
+    let f = OpenOptions::new()
+        .write(true)
+        .open(&paths.image)
+        .map_err(io(&paths.image))?;
+    let cur = f.metadata().map_err(io(&paths.image))?.len();
+    if size < cur {
+        return Err(Error::Invalid("disks only grow".into()));
+    }
+    f.set_len(size).map_err(io(&paths.image))?;
+    drop(f);
+    match mounted_device(&paths.disk_mnt) {
+        Some(dev) => {
+            let lf = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&dev)
+                .map_err(io(&dev))?;
+            // SAFETY: LOOP_SET_CAPACITY takes no argument; it re-reads the backing file size.
+            if unsafe { libc::ioctl(lf.as_raw_fd(), LOOP_SET_CAPACITY, 0) } < 0 {
+                return Err(Error::io(&dev, std::io::Error::last_os_error()));
+            }
+            match run(Command::new("resize2fs").arg(&dev)) {
+                Ok(()) => Ok(Grown::Now),
+                Err(Error::Command { msg, .. }) if msg.contains("Permission denied") => {
+                    let flag = grow_flag(paths);
+                    std::fs::write(&flag, b"").map_err(io(&flag))?;
+                    Ok(Grown::AtNextBoot)
+                }
+                Err(e) => Err(e),
+            }
+        }
+        None => {
+            offline_grow(paths)?;
+            Ok(Grown::Now)
+        }
+    }
+}
+
+fn offline_grow(paths: &Paths) -> Result<()> {
+    // e2fsck exits 1 when it fixed something: still fine to resize.
+    let out = Command::new("e2fsck")
+        .args(["-f", "-p"])
+        .arg(&paths.image)
+        .output()
+        .map_err(|e| Error::Command {
+            cmd: "e2fsck".into(),
+            msg: e.to_string(),
+        })?;
+    if !matches!(out.status.code(), Some(0 | 1)) {
+        return Err(Error::Command {
+            cmd: format!("e2fsck -f -p {}", paths.image.display()),
+            msg: String::from_utf8_lossy(&out.stdout).trim().to_string(),
+        });
+    }
+    run(Command::new("resize2fs").arg(&paths.image))?;
+    let _ = std::fs::remove_file(grow_flag(paths));
     Ok(())
 }
 

@@ -79,7 +79,9 @@ impl VmState {
             VmState::Suspended => PowerState::Suspended,
             VmState::Shutoff => PowerState::Shutdown,
             VmState::Error => PowerState::Crashed,
-            VmState::Building | VmState::Rescued | VmState::Deleting => PowerState::NoState,
+            // Nova reports a rescued guest as running: the rescue system is.
+            VmState::Rescued => PowerState::Running,
+            VmState::Building | VmState::Deleting => PowerState::NoState,
         }
     }
 }
@@ -164,6 +166,17 @@ pub struct Instance {
     pub created_at: u64,
     #[serde(default)]
     pub booted_at: Option<u64>,
+    /// Set while the instance runs its rescue system (its own disk at /mnt/rescue).
+    #[serde(default)]
+    pub rescue: Option<RescueImage>,
+}
+
+/// The image a rescued instance boots.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RescueImage {
+    pub image: String,
+    /// Digests of its layers, bottom first.
+    pub layers: Vec<String>,
 }
 
 pub fn now_secs() -> u64 {
@@ -225,6 +238,7 @@ impl Instance {
             "monitor_pid": self.monitor.as_ref().filter(|p| p.alive()).map(|p| p.pid),
             "created_at": self.created_at,
             "booted_at": self.booted_at,
+            "rescue_image": self.rescue.as_ref().map(|r| &r.image),
         })
     }
 }

@@ -418,6 +418,23 @@ fn setup_and_exec(spec: &RuntimeSpec, slave_path: &Path, slave: &OwnedFd) -> Res
         }
     }
 
+    for (src, rel) in &spec.binds {
+        let t = at(rel);
+        // The guest's tree is untrusted: a symlink on the way would aim the bind (and the
+        // mkdir) at a host path.
+        let mut p = r.to_path_buf();
+        for c in Path::new(rel.trim_start_matches('/')).components() {
+            p.push(c);
+            if p.symlink_metadata()
+                .is_ok_and(|m| m.file_type().is_symlink())
+            {
+                return Err(Error::Invalid(format!("{rel}: a symlink in the guest")));
+            }
+        }
+        mkdir(&t)?;
+        bind(src, &t, false)?;
+    }
+
     for (src, rel) in &spec.ro_binds {
         let t = at(rel);
         // A guest symlink here would aim the bind at a host path.

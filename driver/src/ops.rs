@@ -18,6 +18,16 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+pub mod exec;
+mod rebuild;
+mod rescue;
+mod resize;
+mod suspend;
+
+pub use rebuild::RebuildRequest;
+pub use rescue::RescueRequest;
+pub use resize::ResizeRequest;
+
 /// Capabilities dropped from the bounding set: loading modules, setting the host clock,
 /// kexec/reboot of the host (see capabilities(7) for the numbers).
 pub const DROP_CAPS: [u32; 3] = [
@@ -177,6 +187,7 @@ impl Manager {
             init: None,
             created_at: now_secs(),
             booted_at: None,
+            rescue: None,
         };
         let mut g = lock(&self.instances);
         if g.contains_key(&uuid) {
@@ -267,13 +278,16 @@ impl Manager {
         let t_disk = t0.elapsed();
         disk::mount_rootfs(&paths, &lowers)?;
         write_identity(&paths.rootfs, &inst)?;
-        self.plug_vifs(&inst, &paths.rootfs)?;
+        // A rescue boot runs the rescue image with this rootfs bound at /mnt/rescue.
+        let (rootfs, binds) = self.rescue_rootfs(&inst, &paths)?;
+        // The NICs' guest config goes where init runs (the rescue system too).
+        self.plug_vifs(&inst, &rootfs)?;
         let cg = self.cgroups(uuid);
         cg.create(&inst.flavor)?;
         let mut spec = RuntimeSpec {
             uuid: uuid.to_string(),
             hostname: inst.name.clone(),
-            rootfs: paths.rootfs.clone(),
+            rootfs,
             init: vec!["/sbin/init".into()],
             env: vec![
                 "container=fatbox".into(),
@@ -287,6 +301,7 @@ impl Manager {
             drop_caps: DROP_CAPS.to_vec(),
             procfs_binds: crate::procfs::binds(&self.cfg.procfs),
             userns: inst.userns,
+            binds,
             ro_binds: Vec::new(),
         };
         if inst.config_drive {
@@ -323,7 +338,11 @@ impl Manager {
             "boot phases"
         );
         self.update(uuid, |i| {
-            i.state = VmState::Running;
+            i.state = if i.rescue.is_some() {
+                VmState::Rescued
+            } else {
+                VmState::Running
+            };
             i.reason = None;
             i.booted_at = Some(now_secs());
         })
@@ -376,11 +395,13 @@ impl Manager {
         if let Err(e) = self.get(uuid).and_then(|i| self.unplug_vifs(&i)) {
             tracing::warn!(uuid, error = %e, "unplugging VIFs failed");
         }
+        rescue::release(&self.dir(uuid))?;
         disk::unmount_rootfs(&Paths::new(&self.dir(uuid)))?;
         cg.remove()?;
         self.update(uuid, |i| {
             i.init = None;
             i.monitor = None;
+            i.rescue = None;
         })
         .map(|_| ())
     }
@@ -411,7 +432,7 @@ impl Manager {
         let l = self.op_lock(&inst.uuid);
         let _g = lock(&l);
         let inst = self.get(&inst.uuid)?;
-        if inst.state != VmState::Running {
+        if !matches!(inst.state, VmState::Running | VmState::Rescued) {
             return if hard {
                 drop(_g);
                 self.start(&inst.uuid)
@@ -442,8 +463,15 @@ impl Manager {
             start_time: rec.start_time,
         };
         self.update(&inst.uuid, |i| i.init = Some(init.clone()))?;
+        // fatbox-procfs counts uptime from the record: a reboot starts it again.
+        self.register_procfs(&inst.uuid, init.pid)?;
         wait_running(&dir, &init, deadline)?;
         self.update(&inst.uuid, |i| i.booted_at = Some(now_secs()))
+    }
+
+    fn register_procfs(&self, uuid: &str, init_pid: i32) -> Result<()> {
+        let cgroup_rel = format!("/{}/{}", self.cfg.cgroup_parent, uuid);
+        crate::procfs::register(&self.cfg.procfs, uuid, &cgroup_rel, init_pid, now_secs())
     }
 
     pub fn pause(&self, id: &str, paused: bool) -> Result<Instance> {
@@ -511,7 +539,10 @@ impl Manager {
             let prev = inst.state;
             lock(&self.instances).insert(uuid.clone(), inst.clone());
             match (prev, alive) {
-                (VmState::Running | VmState::Paused, true) => {
+                (
+                    VmState::Running | VmState::Paused | VmState::Suspended | VmState::Rescued,
+                    true,
+                ) => {
                     tracing::info!(
                         uuid,
                         pid = inst.init.as_ref().map(|p| p.pid),
@@ -532,7 +563,10 @@ impl Manager {
                         Some("fatboxd stopped during the build".into()),
                     )?;
                 }
-                (VmState::Running | VmState::Paused, false) => {
+                (
+                    VmState::Running | VmState::Paused | VmState::Suspended | VmState::Rescued,
+                    false,
+                ) => {
                     let _ = self.teardown(&uuid);
                     self.set_state(
                         &uuid,
@@ -553,7 +587,10 @@ impl Manager {
     /// Notices guests that powered themselves off and guests that rebooted (new init pid).
     pub fn reconcile(&self) {
         for inst in self.list() {
-            if !matches!(inst.state, VmState::Running | VmState::Paused) {
+            if !matches!(
+                inst.state,
+                VmState::Running | VmState::Paused | VmState::Suspended | VmState::Rescued
+            ) {
                 continue;
             }
             let l = self.op_lock(&inst.uuid);
@@ -577,6 +614,8 @@ impl Manager {
                         start_time: rec.start_time,
                     };
                     let _ = self.update(&inst.uuid, |i| i.init = Some(p));
+                    // A reboot from inside: uptime starts again.
+                    let _ = self.register_procfs(&inst.uuid, rec.pid);
                 }
             }
         }
@@ -697,7 +736,14 @@ fn wait_running(dir: &Path, init: &ProcId, deadline: Instant) -> Result<String> 
     let bus = PathBuf::from(format!("/proc/{}/root/run/systemd/private", init.pid));
     loop {
         if !init.alive() {
-            let why = read_exit_record(dir)
+            // The monitor writes why just after it reaps init: give it a moment.
+            let until = Instant::now() + Duration::from_secs(2);
+            let mut rec = read_exit_record(dir);
+            while rec.is_none() && Instant::now() < until {
+                std::thread::sleep(POLL);
+                rec = read_exit_record(dir);
+            }
+            let why = rec
                 .map(|x| x.error.unwrap_or(x.status))
                 .unwrap_or_else(|| "init exited during boot".into());
             return Err(Error::Other(format!("boot failed: {why}")));

@@ -22,6 +22,10 @@ pub struct RuntimeSpec {
     pub procfs_binds: Vec<(PathBuf, String)>,
     /// Seam for the user-namespace issue; must be false for now.
     pub userns: bool,
+    /// Host directories bound read-write at these paths inside (the instance's own root
+    /// filesystem at /mnt/rescue in a rescue boot).
+    #[serde(default)]
+    pub binds: Vec<(PathBuf, String)>,
     /// Host directories bound read-only at guest paths (relative to the guest root).
     #[serde(default)]
     pub ro_binds: Vec<(PathBuf, String)>,

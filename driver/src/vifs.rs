@@ -143,7 +143,11 @@ impl Manager {
     /// while fatboxd was away is repaired; a correct one is kept).
     pub fn restore_vifs(&self) {
         for inst in self.list() {
-            if !matches!(inst.state, VmState::Running | VmState::Paused) || inst.nics.is_empty() {
+            if !matches!(
+                inst.state,
+                VmState::Running | VmState::Paused | VmState::Suspended | VmState::Rescued
+            ) || inst.nics.is_empty()
+            {
                 continue;
             }
             let l = self.op_lock(&inst.uuid);

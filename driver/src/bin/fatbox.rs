@@ -78,7 +78,43 @@ enum Cmd {
     Pause {
         id: String,
     },
+    /// Thaw a paused or suspended instance.
     Resume {
+        id: String,
+    },
+    /// Freeze every process of the instance (state suspended).
+    Suspend {
+        id: String,
+    },
+    /// Change vcpus/memory live (cgroups) and grow the disk (online ext4 grow).
+    Resize {
+        id: String,
+        #[arg(long)]
+        vcpus: Option<u32>,
+        /// MiB.
+        #[arg(long)]
+        memory: Option<u64>,
+        /// GiB (grow only).
+        #[arg(long)]
+        disk: Option<u64>,
+        /// MiB.
+        #[arg(long)]
+        swap: Option<u64>,
+    },
+    /// Recreate the root disk from an image (default: the current one); its files are lost.
+    Rebuild {
+        id: String,
+        #[arg(long)]
+        image: Option<String>,
+    },
+    /// Boot a rescue image with the instance's root filesystem at /mnt/rescue.
+    Rescue {
+        id: String,
+        #[arg(long)]
+        image: Option<String>,
+    },
+    /// Leave rescue: boot the instance from its own disk again.
+    Unrescue {
         id: String,
     },
     Delete {
@@ -92,6 +128,12 @@ enum Cmd {
     },
     /// Run a command inside; exits with its exit code.
     Exec {
+        /// Give the command a pty (default when stdin and stdout are terminals).
+        #[arg(short = 't', long, conflicts_with = "no_tty")]
+        tty: bool,
+        /// Never allocate a pty.
+        #[arg(short = 'T', long)]
+        no_tty: bool,
         id: String,
         #[arg(last = true, required = true)]
         cmd: Vec<String>,
@@ -412,6 +454,32 @@ async fn run(args: Args) -> anyhow::Result<i32> {
         }
         Cmd::Pause { id } => action(&c, &id, json!({"action": "pause"})).await?,
         Cmd::Resume { id } => action(&c, &id, json!({"action": "resume"})).await?,
+        Cmd::Suspend { id } => action(&c, &id, json!({"action": "suspend"})).await?,
+        Cmd::Resize {
+            id,
+            vcpus,
+            memory,
+            disk,
+            swap,
+        } => {
+            if vcpus.is_none() && memory.is_none() && disk.is_none() && swap.is_none() {
+                bail!("resize: give --vcpus, --memory, --disk or --swap");
+            }
+            action(
+                &c,
+                &id,
+                json!({"action": "resize", "vcpus": vcpus, "memory_mb": memory,
+                       "root_gb": disk, "swap_mb": swap}),
+            )
+            .await?
+        }
+        Cmd::Rebuild { id, image } => {
+            action(&c, &id, json!({"action": "rebuild", "image": image})).await?
+        }
+        Cmd::Rescue { id, image } => {
+            action(&c, &id, json!({"action": "rescue", "image": image})).await?
+        }
+        Cmd::Unrescue { id } => action(&c, &id, json!({"action": "unrescue"})).await?,
         Cmd::Delete { id } => {
             call(
                 &c,
@@ -435,7 +503,15 @@ async fn run(args: Args) -> anyhow::Result<i32> {
             use std::io::Write;
             std::io::stdout().write_all(&r.body)?;
         }
-        Cmd::Exec { id, cmd } => return exec(&c, &id, &cmd).await,
+        Cmd::Exec {
+            id,
+            cmd,
+            tty,
+            no_tty,
+        } => {
+            let tty = tty || (!no_tty && driver::ops::exec::interactive());
+            return exec(&c, &id, &cmd, tty).await;
+        }
         Cmd::InterfaceAttach { id, nic, json } => {
             let v = call(
                 &c,
@@ -567,48 +643,33 @@ async fn action(c: &Client, id: &str, body: Value) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Joins the instance's cgroups and namespaces (through nsenter) with our stdio, so the
-/// command runs inside with the instance's limits; returns its exit code.
-async fn exec(c: &Client, id: &str, cmd: &[String]) -> anyhow::Result<i32> {
+/// Joins the instance's cgroups and namespaces (through nsenter), with our stdio or a pty,
+/// so the command runs inside with the instance's limits; returns its exit code.
+async fn exec(c: &Client, id: &str, cmd: &[String], tty: bool) -> anyhow::Result<i32> {
     let v = call(c, "GET", &format!("/v1/instances/{}", path_id(id)?), None).await?;
-    if v.get("state").and_then(Value::as_str) != Some("running") {
-        bail!("instance {id} is not running");
+    let state = v.get("state").and_then(Value::as_str).unwrap_or_default();
+    if state != "running" && state != "rescued" {
+        bail!("instance {id} is not running (it is {state})");
     }
     let pid = v
         .get("init_pid")
         .and_then(Value::as_i64)
         .and_then(|p| i32::try_from(p).ok())
         .context("instance has no init pid")?;
-    let me = std::process::id().to_string();
-    for d in v
+    let cgroups: Vec<PathBuf> = v
         .get("cgroups")
         .and_then(Value::as_array)
         .into_iter()
         .flatten()
-    {
-        if let Some(d) = d.as_str() {
-            let p = std::path::Path::new(d).join("cgroup.procs");
-            std::fs::write(&p, &me).with_context(|| p.display().to_string())?;
-        }
-    }
-    let status = std::process::Command::new("nsenter")
-        .args(driver::ops::nsenter_args(pid))
-        .args(cmd)
-        .env_clear()
-        .env(
-            "PATH",
-            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-        )
-        .env(
-            "TERM",
-            std::env::var("TERM").unwrap_or_else(|_| "vt220".into()),
-        )
-        .env("HOME", "/root")
-        .env("container", "fatbox")
-        .status()
-        .context("running nsenter")?;
-    use std::os::unix::process::ExitStatusExt;
-    Ok(status
-        .code()
-        .unwrap_or_else(|| 128 + status.signal().unwrap_or(0)))
+        .filter_map(|d| d.as_str().map(PathBuf::from))
+        .collect();
+    let term = std::env::var("TERM").unwrap_or_else(|_| "vt220".into());
+    let code = driver::ops::exec::exec(&driver::ops::exec::ExecRequest {
+        init_pid: pid,
+        cgroups: &cgroups,
+        cmd,
+        tty,
+        term,
+    })?;
+    Ok(code)
 }

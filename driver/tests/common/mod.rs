@@ -42,11 +42,28 @@ pub struct Daemon {
 
 impl Daemon {
     pub fn start() -> Daemon {
-        Daemon::start_with_network("")
+        Self::start_full("", "")
+    }
+
+    /// A daemon whose instances get the files of this (real) fatbox-procfs bound over /proc.
+    pub fn start_with_procfs(p: &Procfs) -> Daemon {
+        Self::start_full(
+            &format!(
+                "mount = \"{}\"\nregistry = \"{}\"\n",
+                p.mount.display(),
+                p.registry.display()
+            ),
+            "",
+        )
     }
 
     /// A daemon whose `[network]` section holds `network` (TOML lines).
     pub fn start_with_network(network: &str) -> Daemon {
+        Self::start_full("", network)
+    }
+
+    /// `procfs` and `network`: TOML lines for those sections.
+    pub fn start_full(procfs: &str, network: &str) -> Daemon {
         // /var/tmp: a disk-backed filesystem (overlay lower dirs, disk images).
         let dir = tempfile::Builder::new()
             .prefix("fatbox-test-")
@@ -57,7 +74,7 @@ impl Daemon {
         std::fs::write(
             &config,
             format!(
-                "state_dir = \"{}\"\nsocket = \"{}\"\ncgroup_parent = \"fatbox-test-{}\"\nstop_timeout = 20\n[procfs]\n[network]\n{network}\n[glance]\n",
+                "state_dir = \"{}\"\nsocket = \"{}\"\ncgroup_parent = \"fatbox-test-{}\"\nstop_timeout = 20\n[procfs]\n{procfs}[network]\n{network}\n[glance]\n",
                 dir.path().join("state").display(),
                 socket.display(),
                 std::process::id(),
@@ -94,6 +111,11 @@ impl Daemon {
             assert!(Instant::now() < deadline, "fatboxd did not come up");
             std::thread::sleep(Duration::from_millis(10));
         }
+    }
+
+    /// fatboxd's pid while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// SIGKILL, as an operator's `kill -9` would.
@@ -170,4 +192,126 @@ impl Drop for Daemon {
             }
         }
     }
+}
+
+/// A real fatbox-procfs on a private mount and registry, shut down in Drop.
+pub struct Procfs {
+    pub dir: tempfile::TempDir,
+    pub mount: PathBuf,
+    pub registry: PathBuf,
+    keeper: PathBuf,
+    child: Option<Child>,
+}
+
+/// The workspace's fatbox-procfs binary next to ours (built on demand: `cargo test -p driver`
+/// does not build other packages' binaries).
+pub fn procfs_bin() -> PathBuf {
+    let exe = PathBuf::from(env!("CARGO_BIN_EXE_fatboxd"));
+    let bindir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
+    let bin = bindir.join("fatbox-procfs");
+    if !bin.exists() {
+        let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+        c.current_dir(repo_root())
+            .args(["build", "-p", "procfs-fuse", "--bin", "fatbox-procfs"]);
+        if bindir.file_name().is_some_and(|n| n == "release") {
+            c.arg("--release");
+        }
+        if let Some(target) = bindir.parent() {
+            c.env("CARGO_TARGET_DIR", target);
+        }
+        let st = c.status().expect("cargo build fatbox-procfs");
+        assert!(st.success(), "building fatbox-procfs failed");
+    }
+    bin
+}
+
+impl Procfs {
+    pub fn start() -> Procfs {
+        let dir = tempfile::Builder::new()
+            .prefix("fatbox-procfs-test-")
+            .tempdir_in("/run")
+            .expect("temp dir");
+        let mount = dir.path().join("mnt");
+        let registry = dir.path().join("registry");
+        let keeper = dir.path().join("keeper.sock");
+        std::fs::create_dir_all(&mount).expect("mount dir");
+        std::fs::create_dir_all(&registry).expect("registry dir");
+        let log = std::fs::File::create(dir.path().join("procfs.log")).expect("log");
+        let child = Command::new(procfs_bin())
+            .arg("serve")
+            .arg("--mount")
+            .arg(&mount)
+            .arg("--registry")
+            .arg(&registry)
+            .arg("--keeper-socket")
+            .arg(&keeper)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("spawning fatbox-procfs");
+        let p = Procfs {
+            dir,
+            mount,
+            registry,
+            keeper,
+            child: Some(child),
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !driver::disk::is_mountpoint(&p.mount) {
+            assert!(Instant::now() < deadline, "fatbox-procfs did not mount");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        p
+    }
+
+    /// What fatbox-procfs renders for a cgroup (the host side of the comparison).
+    pub fn render(&self, file: &str, cgroup: &str) -> String {
+        let o = Command::new(procfs_bin())
+            .args(["render", file, "--cgroup", cgroup])
+            .output()
+            .expect("fatbox-procfs render");
+        assert!(o.status.success(), "render {file}: {o:?}");
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+}
+
+impl Drop for Procfs {
+    fn drop(&mut self) {
+        let _ = Command::new(procfs_bin())
+            .arg("shutdown")
+            .arg("--mount")
+            .arg(&self.mount)
+            .arg("--keeper-socket")
+            .arg(&self.keeper)
+            .status();
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Polls `f` until it returns Some, or panics with `what` after `secs`.
+pub fn wait_for<T>(secs: u64, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    let mut poll = Duration::from_millis(10);
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out: {what}");
+        std::thread::sleep(poll);
+        poll = (poll * 2).min(Duration::from_millis(200));
+    }
+}
+
+/// Reads a file of the instance's v1 cgroup (None on a host without that controller).
+pub fn cgroup_file(d: &Daemon, controller: &str, uuid: &str, file: &str) -> Option<String> {
+    std::fs::read_to_string(format!(
+        "/sys/fs/cgroup/{controller}/{}/{uuid}/{file}",
+        d.cgroup_parent()
+    ))
+    .ok()
+    .map(|s| s.trim().to_string())
 }
