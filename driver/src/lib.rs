@@ -9,6 +9,7 @@ pub mod cgroups;
 pub mod client;
 pub mod config;
 pub mod disk;
+pub mod enter;
 pub mod error;
 pub mod host;
 pub mod images;
@@ -17,6 +18,8 @@ pub mod monitor;
 pub mod network;
 pub mod ops;
 pub mod procfs;
+pub mod seccomp;
 pub mod spec;
+pub mod userns;
 
 pub use error::{Error, Result};

@@ -151,9 +151,17 @@ pub struct Instance {
     pub ssh_keys: Vec<String>,
     #[serde(default)]
     pub nics: Vec<serde_json::Value>,
-    /// Seam for the user-namespace issue: when true, root is mapped to a host range.
+    /// Guest root is mapped to the host id range `idmap` (a user namespace).
     #[serde(default)]
     pub userns: bool,
+    #[serde(default)]
+    pub idmap: Option<crate::userns::IdRange>,
+    /// The default seccomp profile is applied to the guest.
+    #[serde(default = "yes")]
+    pub seccomp: bool,
+    /// Asked for privileged mode (no user namespace, no seccomp).
+    #[serde(default)]
+    pub privileged: bool,
     #[serde(default)]
     pub monitor: Option<ProcId>,
     #[serde(default)]
@@ -161,6 +169,10 @@ pub struct Instance {
     pub created_at: u64,
     #[serde(default)]
     pub booted_at: Option<u64>,
+}
+
+fn yes() -> bool {
+    true
 }
 
 pub fn now_secs() -> u64 {
@@ -217,6 +229,12 @@ impl Instance {
             "power_state": self.power_state().code(),
             "flavor": self.flavor,
             "nics": self.nics,
+            "security": {
+                "userns": self.userns,
+                "idmap": self.idmap,
+                "seccomp": self.seccomp,
+                "privileged": self.privileged,
+            },
             "init_pid": self.init.as_ref().filter(|p| p.alive()).map(|p| p.pid),
             "monitor_pid": self.monitor.as_ref().filter(|p| p.alive()).map(|p| p.pid),
             "created_at": self.created_at,

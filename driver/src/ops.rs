@@ -18,13 +18,7 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// Capabilities dropped from the bounding set: loading modules, setting the host clock,
-/// kexec/reboot of the host (see capabilities(7) for the numbers).
-pub const DROP_CAPS: [u32; 3] = [
-    16, /* SYS_MODULE */
-    25, /* SYS_TIME */
-    22, /* SYS_BOOT */
-];
+pub use crate::seccomp::DROP_CAPS;
 const POLL: Duration = Duration::from_millis(5);
 
 #[derive(Debug, Clone, Deserialize)]
@@ -38,14 +32,22 @@ pub struct CreateRequest {
     pub ssh_keys: Vec<String>,
     #[serde(default)]
     pub nics: Vec<serde_json::Value>,
+    /// None: `[security] userns`. Turning it off needs `allow_privileged`.
     #[serde(default)]
-    pub userns: bool,
+    pub userns: Option<bool>,
+    /// None: `[security] seccomp`. Turning it off needs `allow_privileged`.
+    #[serde(default)]
+    pub seccomp: Option<bool>,
+    /// Trusted workload: no user namespace, no seccomp (needs `allow_privileged`).
+    #[serde(default)]
+    pub privileged: bool,
 }
 
 pub struct Manager {
     pub cfg: Config,
     instances: Mutex<HashMap<String, Instance>>,
     locks: Mutex<HashMap<String, Arc<Mutex<()>>>>,
+    ranges: crate::userns::Ranges,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -57,7 +59,10 @@ impl Manager {
         for d in [cfg.instances_dir(), cfg.layers_dir(), cfg.images_dir()] {
             std::fs::create_dir_all(&d).map_err(io(&d))?;
         }
+        let sec = &cfg.security;
+        let ranges = crate::userns::Ranges::new(&cfg.state_dir, sec.id_base, sec.id_size);
         Ok(Arc::new(Manager {
+            ranges,
             cfg,
             instances: Mutex::new(HashMap::new()),
             locks: Mutex::new(HashMap::new()),
@@ -118,11 +123,19 @@ impl Manager {
     pub fn create(&self, req: CreateRequest) -> Result<Instance> {
         validate_name(&req.name)?;
         req.flavor.validate()?;
-        if req.userns {
+        let sec = &self.cfg.security;
+        let opts_out = req.privileged
+            || (req.userns == Some(false) && sec.userns)
+            || (req.seccomp == Some(false) && sec.seccomp);
+        if opts_out && !sec.allow_privileged {
             return Err(Error::Invalid(
-                "userns: not implemented yet (user-namespace issue)".into(),
+                "privileged mode (no user namespace or no seccomp) is disabled on this host: \
+                 [security] allow_privileged = true enables it"
+                    .into(),
             ));
         }
+        let userns = !req.privileged && req.userns.unwrap_or(sec.userns);
+        let seccomp = !req.privileged && req.seccomp.unwrap_or(sec.seccomp);
         if !req.nics.is_empty() {
             return Err(Error::Invalid(
                 "nics: networking is not implemented yet (network issue)".into(),
@@ -153,7 +166,10 @@ impl Manager {
             reason: None,
             ssh_keys: req.ssh_keys.clone(),
             nics: req.nics.clone(),
-            userns: req.userns,
+            userns,
+            idmap: None,
+            seccomp,
+            privileged: req.privileged,
             monitor: None,
             init: None,
             created_at: now_secs(),
@@ -165,6 +181,27 @@ impl Manager {
         }
         if g.values().any(|i| i.name == req.name) {
             return Err(Error::Conflict(format!("name {:?} is taken", req.name)));
+        }
+        let mut inst = inst;
+        if userns {
+            inst.idmap = Some(if sec.isolated_ranges {
+                self.ranges.allocate(&uuid)?
+            } else {
+                crate::userns::IdRange {
+                    base: sec.id_base,
+                    size: sec.id_size,
+                }
+            });
+        }
+        if !userns || !seccomp {
+            tracing::warn!(
+                uuid,
+                name = req.name,
+                userns,
+                seccomp,
+                "PRIVILEGED instance: guest root is host root (no user namespace) or the \
+                 seccomp profile is off; only for trusted workloads"
+            );
         }
         let dir = self.dir(&uuid);
         std::fs::create_dir(&dir).map_err(|e| match e.kind() {
@@ -228,10 +265,26 @@ impl Manager {
             disk::create_disk(&paths.image, inst.flavor.root_gb)?;
         }
         let t_disk = t0.elapsed();
-        disk::mount_rootfs(&paths, &lowers)?;
+        let idmap = if inst.userns {
+            Some(
+                inst.idmap
+                    .ok_or_else(|| Error::Other("instance has userns but no id range".into()))?,
+            )
+        } else {
+            None
+        };
+        match idmap {
+            Some(r) if !disk::is_mountpoint(&paths.rootfs) => {
+                crate::userns::mount_rootfs_shifted(&self.cfg, &dir, &paths, &lowers, &r)?
+            }
+            _ => disk::mount_rootfs(&paths, &lowers, None)?,
+        }
         write_identity(&paths.rootfs, &inst)?;
         let cg = self.cgroups(uuid);
         cg.create(&inst.flavor)?;
+        if let Some(r) = &idmap {
+            crate::userns::delegate_cgroup(&cg.unified, r)?;
+        }
         let spec = RuntimeSpec {
             uuid: uuid.to_string(),
             hostname: inst.name.clone(),
@@ -249,6 +302,9 @@ impl Manager {
             drop_caps: DROP_CAPS.to_vec(),
             procfs_binds: crate::procfs::binds(&self.cfg.procfs),
             userns: inst.userns,
+            idmap,
+            seccomp: inst.seccomp,
+            allow_perf_event: self.cfg.security.allow_perf_event,
         };
         spec.save(&dir)?;
         for f in [INIT_FILE, EXIT_FILE, REBOOT_FLAG] {
@@ -345,6 +401,9 @@ impl Manager {
         self.stop_locked(&inst.uuid, Duration::ZERO)?;
         let dir = self.dir(&inst.uuid);
         std::fs::remove_dir_all(&dir).map_err(io(&dir))?;
+        if self.cfg.security.isolated_ranges {
+            self.ranges.free(&inst.uuid)?;
+        }
         lock(&self.instances).remove(&inst.uuid);
         lock(&self.locks).remove(&inst.uuid);
         Ok(())
@@ -623,7 +682,12 @@ fn wait_init_record(
 
 /// The command line of `nsenter` into every namespace of `pid`, with its root and cwd.
 pub fn nsenter_args(pid: i32) -> Vec<String> {
-    vec![
+    let mut v: Vec<String> = Vec::new();
+    if crate::userns::other_userns(pid) {
+        // As the guest's root (uid 0 inside), or systemd refuses its private bus.
+        v.push("-U".into());
+    }
+    v.extend([
         "-t".into(),
         pid.to_string(),
         "-m".into(),
@@ -635,7 +699,8 @@ pub fn nsenter_args(pid: i32) -> Vec<String> {
         "-r".into(),
         "-w".into(),
         "--".into(),
-    ]
+    ]);
+    v
 }
 
 /// Polls until systemd inside says `running` or `degraded`.
@@ -723,6 +788,15 @@ fn write_identity(rootfs: &Path, inst: &Instance) -> Result<()> {
         }
     }
     std::fs::write(&hn, format!("{}\n", inst.name)).map_err(io(&hn))?;
+    // What we write as host root must belong to the guest's root, not to the overflow id.
+    let owner = inst.idmap.filter(|_| inst.userns).map(|r| r.base);
+    let give = |p: &Path| -> Result<()> {
+        match owner {
+            Some(id) => std::os::unix::fs::lchown(p, Some(id), Some(id)).map_err(io(p)),
+            None => Ok(()),
+        }
+    };
+    give(&hn)?;
     if !inst.ssh_keys.is_empty() {
         let root = rootfs.join("root");
         let ssh = root.join(".ssh");
@@ -738,6 +812,7 @@ fn write_identity(rootfs: &Path, inst: &Instance) -> Result<()> {
             }
         }
         std::fs::create_dir_all(&ssh).map_err(io(&ssh))?;
+        give(&ssh)?;
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&ssh, std::fs::Permissions::from_mode(0o700)).map_err(io(&ssh))?;
         let ak = ssh.join("authorized_keys");
@@ -751,6 +826,7 @@ fn write_identity(rootfs: &Path, inst: &Instance) -> Result<()> {
         let mut body = inst.ssh_keys.join("\n");
         body.push('\n');
         std::fs::write(&ak, body).map_err(io(&ak))?;
+        give(&ak)?;
         std::fs::set_permissions(&ak, std::fs::Permissions::from_mode(0o600)).map_err(io(&ak))?;
     }
     Ok(())

@@ -20,8 +20,15 @@ pub struct RuntimeSpec {
     pub drop_caps: Vec<u32>,
     /// Files of the fatbox-procfs mount bound over the same paths under /proc.
     pub procfs_binds: Vec<(PathBuf, String)>,
-    /// Seam for the user-namespace issue; must be false for now.
+    /// Run init in a user namespace mapped to `idmap`.
     pub userns: bool,
+    #[serde(default)]
+    pub idmap: Option<crate::userns::IdRange>,
+    /// Install the default seccomp profile before exec'ing init.
+    #[serde(default)]
+    pub seccomp: bool,
+    #[serde(default)]
+    pub allow_perf_event: bool,
 }
 
 impl RuntimeSpec {

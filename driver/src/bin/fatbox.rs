@@ -50,6 +50,10 @@ enum Cmd {
         /// Return at once (state building) instead of waiting for the boot.
         #[arg(long)]
         no_wait: bool,
+        /// Trusted workload: no user namespace and no seccomp profile (the host must allow
+        /// it with `[security] allow_privileged = true`).
+        #[arg(long)]
+        privileged: bool,
     },
     List {
         #[arg(long)]
@@ -230,6 +234,7 @@ async fn run(args: Args) -> anyhow::Result<i32> {
             uuid,
             nic,
             no_wait,
+            privileged,
         } => {
             let mut keys = Vec::new();
             if let Some(k) = ssh_key {
@@ -243,6 +248,7 @@ async fn run(args: Args) -> anyhow::Result<i32> {
             let nics: Vec<Value> = nic.iter().map(|n| json!({"spec": n})).collect();
             let body = json!({
                 "name": name, "image": image, "uuid": uuid, "ssh_keys": keys, "nics": nics,
+                "privileged": privileged,
                 "flavor": {"vcpus": vcpus, "memory_mb": memory, "root_gb": disk, "swap_mb": swap.unwrap_or(0)},
             });
             let v = call(&c, "POST", "/v1/instances", Some(body)).await?;
@@ -394,9 +400,31 @@ async fn exec(c: &Client, id: &str, cmd: &[String]) -> anyhow::Result<i32> {
             std::fs::write(&p, &me).with_context(|| p.display().to_string())?;
         }
     }
-    let status = std::process::Command::new("nsenter")
-        .args(driver::ops::nsenter_args(pid))
-        .args(cmd)
+    // The command gets what init got: its namespaces, root, the reduced bounding set and,
+    // unless the instance is privileged, the seccomp profile (see driver::enter).
+    let seccomp = v
+        .pointer("/security/seccomp")
+        .and_then(Value::as_bool)
+        .unwrap_or(true);
+    let filter = if seccomp {
+        Some(driver::seccomp::build(
+            v.pointer("/security/allow_perf_event")
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
+        )?)
+    } else {
+        None
+    };
+    let target = driver::enter::Target::open(pid, filter)?;
+    let (prog, args) = cmd.split_first().context("no command")?;
+    let mut command = std::process::Command::new(prog);
+    // SAFETY: Target::enter makes only raw syscalls between fork and exec.
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        command.pre_exec(move || target.enter());
+    }
+    let status = command
+        .args(args)
         .env_clear()
         .env(
             "PATH",
@@ -409,7 +437,7 @@ async fn exec(c: &Client, id: &str, cmd: &[String]) -> anyhow::Result<i32> {
         .env("HOME", "/root")
         .env("container", "fatbox")
         .status()
-        .context("running nsenter")?;
+        .with_context(|| format!("running {prog} in the instance"))?;
     use std::os::unix::process::ExitStatusExt;
     Ok(status
         .code()
