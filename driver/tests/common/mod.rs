@@ -42,6 +42,11 @@ pub struct Daemon {
 
 impl Daemon {
     pub fn start() -> Daemon {
+        Daemon::start_with("")
+    }
+
+    /// A daemon whose config gets `extra` (TOML sections) appended.
+    pub fn start_with(extra: &str) -> Daemon {
         // /var/tmp: a disk-backed filesystem (overlay lower dirs, disk images).
         let dir = tempfile::Builder::new()
             .prefix("fatbox-test-")
@@ -52,10 +57,11 @@ impl Daemon {
         std::fs::write(
             &config,
             format!(
-                "state_dir = \"{}\"\nsocket = \"{}\"\ncgroup_parent = \"fatbox-test-{}\"\nstop_timeout = 20\n[procfs]\n[network]\n[glance]\n",
+                "state_dir = \"{}\"\nsocket = \"{}\"\ncgroup_parent = \"fatbox-test-{}\"\nstop_timeout = 20\n[procfs]\n[network]\n[glance]\n{}",
                 dir.path().join("state").display(),
                 socket.display(),
                 std::process::id(),
+                extra,
             ),
         )
         .expect("config");
@@ -89,6 +95,10 @@ impl Daemon {
             assert!(Instant::now() < deadline, "fatboxd did not come up");
             std::thread::sleep(Duration::from_millis(10));
         }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
     }
 
     /// SIGKILL, as an operator's `kill -9` would.
