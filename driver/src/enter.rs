@@ -76,13 +76,12 @@ impl Target {
             if libc::chroot(c".".as_ptr()) != 0 {
                 return Err(last());
             }
-            if self.userns.is_some() {
-                if libc::setgroups(0, std::ptr::null()) != 0
+            if self.userns.is_some()
+                && (libc::setgroups(0, std::ptr::null()) != 0
                     || libc::setresgid(0, 0, 0) != 0
-                    || libc::setresuid(0, 0, 0) != 0
-                {
-                    return Err(last());
-                }
+                    || libc::setresuid(0, 0, 0) != 0)
+            {
+                return Err(last());
             }
             match libc::fork() {
                 -1 => return Err(last()),

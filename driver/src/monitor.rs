@@ -358,6 +358,16 @@ fn intermediate(
         let p = d.join("cgroup.procs");
         std::fs::write(&p, &me).map_err(io(p))?;
     }
+    // From here on the rootfs is reached relative to its parent dir: the guest's root may
+    // not search the state dir's ancestors (a 0700 state_dir is fine for host root).
+    let parent = spec
+        .rootfs
+        .parent()
+        .ok_or_else(|| Error::Invalid("rootfs has no parent".into()))?;
+    sys(
+        || format!("chdir {}", parent.display()),
+        nix::unistd::chdir(parent),
+    )?;
     if userns {
         // First, alone: the namespaces unshared below are then owned by it, so the guest's
         // root has capabilities over them and over nothing on the host.
@@ -445,7 +455,13 @@ fn setup_and_exec(spec: &RuntimeSpec, slave_path: &Path, slave: &OwnedFd) -> Res
     )?;
     crate::network::before_init(spec)?;
 
-    let r = &spec.rootfs;
+    // Relative to the cwd the intermediate set (the rootfs' parent); a relative lookup also
+    // lands on the mounts stacked on the rootfs, unlike an fd would.
+    let r = &PathBuf::from(
+        spec.rootfs
+            .file_name()
+            .ok_or_else(|| Error::Invalid("rootfs has no name".into()))?,
+    );
     sys(
         || "make / private".into(),
         mount(

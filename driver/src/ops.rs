@@ -273,6 +273,19 @@ impl Manager {
         } else {
             None
         };
+        if idmap.is_some() {
+            // The guest's root resolves `rootfs` from this dir (monitor.rs): it needs search
+            // permission here, nothing more (files keep their own modes).
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&dir)
+                .map_err(io(&dir))?
+                .permissions()
+                .mode();
+            if mode & 0o001 == 0 {
+                std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(mode | 0o001))
+                    .map_err(io(&dir))?;
+            }
+        }
         match idmap {
             Some(r) if !disk::is_mountpoint(&paths.rootfs) => {
                 crate::userns::mount_rootfs_shifted(&self.cfg, &dir, &paths, &lowers, &r)?
