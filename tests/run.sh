@@ -19,3 +19,5 @@ if [ -x guestfs-tools/fuzz/ci.sh ] || [ -f guestfs-tools/fuzz/ci.sh ]; then
   echo "== fuzz smoke" >&2
   bash guestfs-tools/fuzz/ci.sh "${FATBOX_FUZZ_SECONDS:-20}"
 fi
+echo "== quick start (README's first command: two runs, ssh login, --clean leaves nothing)" >&2
+bash tests/quickstart.sh

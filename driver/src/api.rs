@@ -37,9 +37,28 @@ impl IntoResponse for ApiError {
                 | guestfs_tools::Error::Refused(_)
                 | guestfs_tools::Error::Limit(_),
             ) => StatusCode::UNPROCESSABLE_ENTITY,
+            Error::Network(n) => network_status(n),
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
         (status, Json(json!({"error": self.0.to_string()}))).into_response()
+    }
+}
+
+fn network_status(e: &crate::network::Error) -> StatusCode {
+    use crate::network::Error as N;
+    match e {
+        N::InvalidNic { .. }
+        | N::InvalidMac(_)
+        | N::InvalidVlan(_)
+        | N::InvalidMtu { .. }
+        | N::InvalidPortId(_)
+        | N::InvalidIndex(_)
+        | N::UnknownBridge(_) => StatusCode::BAD_REQUEST,
+        N::DuplicatePort { .. } => StatusCode::CONFLICT,
+        N::OvsdbConnect { .. } | N::OvsdbDisconnected | N::OvsdbTimeout(_) => {
+            StatusCode::SERVICE_UNAVAILABLE
+        }
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }
 
@@ -60,6 +79,14 @@ pub fn router(m: Mgr) -> Router {
         .route("/v1/instances/{id}", get(show).delete(delete))
         .route("/v1/instances/{id}/actions", post(action))
         .route("/v1/instances/{id}/console", get(console))
+        .route(
+            "/v1/instances/{id}/interfaces",
+            get(list_interfaces).post(attach_interface),
+        )
+        .route(
+            "/v1/instances/{id}/interfaces/{port_id}",
+            axum::routing::delete(detach_interface),
+        )
         .route("/v1/host", get(host))
         .route("/v1/images", get(list_images).post(import_image))
         .with_state(m)
@@ -139,6 +166,33 @@ async fn action(
     })
     .await?;
     Ok(Json(inst.view()))
+}
+
+async fn list_interfaces(State(m): State<Mgr>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+    let nics = m.interfaces(&id)?;
+    Ok(Json(Value::Array(nics.iter().map(|n| n.view()).collect())))
+}
+
+/// Body: `{"nic": "vlan=..,ip=.."}`, `{"nic": {VIF object}}`, or the VIF object itself.
+async fn attach_interface(
+    State(m): State<Mgr>,
+    Path(id): Path<String>,
+    Json(body): Json<Value>,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    let nic = match body.get("nic") {
+        Some(n) => n.clone(),
+        None => body,
+    };
+    let n = blocking(move || m.attach_interface(&id, &nic)).await?;
+    Ok((StatusCode::CREATED, Json(n.view())))
+}
+
+async fn detach_interface(
+    State(m): State<Mgr>,
+    Path((id, port_id)): Path<(String, String)>,
+) -> ApiResult<StatusCode> {
+    blocking(move || m.detach_interface(&id, &port_id)).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 #[derive(Deserialize)]

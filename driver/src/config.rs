@@ -1,6 +1,7 @@
 //! `/etc/fatbox/fatbox.toml` with `FATBOX_*` environment overrides.
 
 use crate::error::{Error, Result};
+pub use crate::network::NetworkConfig;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -108,13 +109,6 @@ impl Default for SecurityConfig {
             allow_privileged: false,
         }
     }
-}
-
-/// Filled by the network issue (OVS bridge, standalone VLAN...).
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-#[serde(default)]
-pub struct NetworkConfig {
-    pub bridge: Option<String>,
 }
 
 /// Filled by the image-bridge issue.

@@ -32,6 +32,8 @@ pub enum Error {
     Image(#[from] guestfs_tools::Error),
     #[error("command {cmd} failed: {msg}")]
     Command { cmd: String, msg: String },
+    #[error("network: {0}")]
+    Network(#[from] crate::network::Error),
     #[error("timed out: {0}")]
     Timeout(String),
     #[error("{0}")]

@@ -21,5 +21,6 @@ pub mod procfs;
 pub mod seccomp;
 pub mod spec;
 pub mod userns;
+pub mod vifs;
 
 pub use error::{Error, Result};

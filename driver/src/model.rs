@@ -150,7 +150,7 @@ pub struct Instance {
     #[serde(default)]
     pub ssh_keys: Vec<String>,
     #[serde(default)]
-    pub nics: Vec<serde_json::Value>,
+    pub nics: Vec<crate::network::InstanceNic>,
     /// Guest root is mapped to the host id range `idmap` (a user namespace).
     #[serde(default)]
     pub userns: bool,
@@ -228,7 +228,7 @@ impl Instance {
             "reason": self.reason,
             "power_state": self.power_state().code(),
             "flavor": self.flavor,
-            "nics": self.nics,
+            "nics": self.nics.iter().map(|n| n.view()).collect::<Vec<_>>(),
             "security": {
                 "userns": self.userns,
                 "idmap": self.idmap,

@@ -45,13 +45,16 @@ pub fn run(dir: &Path) -> Result<()> {
     let mut sfd = SignalFd::with_flags(&mask, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)
         .map_err(|e| Error::sys("signalfd", e))?;
 
+    // fatboxd plugged the VIFs into this namespace before starting us; every init of this
+    // power-on (reboots included) joins it. Without it init gets a fresh one (loopback only).
+    let netns = crate::network::instance_netns(dir);
     let monitor_pid = std::process::id() as i32;
     let mut boot: u32 = 0;
     loop {
         boot = boot.saturating_add(1);
         let _ = std::fs::remove_file(dir.join(REBOOT_FLAG));
         let console_mark = console.written;
-        let init = match start_init(&spec, &slave_path, &pty.slave) {
+        let init = match start_init(&spec, netns.as_deref(), &slave_path, &pty.slave) {
             Ok(p) => p,
             Err(e) => {
                 record_exit(dir, "failed", Some(e.to_string()))?;
@@ -241,7 +244,12 @@ impl Console {
 
 /// Forks the intermediate process that joins the cgroups and unshares the namespaces, and
 /// whose child becomes the instance's PID 1. Returns init's pid on the host.
-fn start_init(spec: &RuntimeSpec, slave_path: &Path, slave: &OwnedFd) -> Result<Pid> {
+fn start_init(
+    spec: &RuntimeSpec,
+    netns: Option<&Path>,
+    slave_path: &Path,
+    slave: &OwnedFd,
+) -> Result<Pid> {
     let idmap = match (spec.userns, spec.idmap) {
         (false, _) => None,
         (true, Some(r)) => Some(r),
@@ -284,6 +292,7 @@ fn start_init(spec: &RuntimeSpec, slave_path: &Path, slave: &OwnedFd) -> Result<
             let r = intermediate(
                 spec,
                 idmap.is_some(),
+                netns,
                 sync,
                 slave_path,
                 slave,
@@ -304,7 +313,7 @@ fn start_init(spec: &RuntimeSpec, slave_path: &Path, slave: &OwnedFd) -> Result<
             drop(ns_w);
             drop(go_r);
             let mut map_err = None;
-            if let Some(r) = idmap {
+            if let (Some(r), None) = (idmap, netns) {
                 let mut b = [0u8; 1];
                 let mut f = File::from(ns_r);
                 if matches!(f.read(&mut b), Ok(1)) {
@@ -347,6 +356,7 @@ struct Sync {
 fn intermediate(
     spec: &RuntimeSpec,
     userns: bool,
+    netns: Option<&Path>,
     mut sync: Sync,
     slave_path: &Path,
     slave: &OwnedFd,
@@ -368,7 +378,23 @@ fn intermediate(
         || format!("chdir {}", parent.display()),
         nix::unistd::chdir(parent),
     )?;
-    if userns {
+    let mut flags = CloneFlags::CLONE_NEWNS
+        | CloneFlags::CLONE_NEWUTS
+        | CloneFlags::CLONE_NEWIPC
+        | CloneFlags::CLONE_NEWCGROUP
+        | CloneFlags::CLONE_NEWPID;
+    match (userns, netns) {
+        (true, Some(p)) => {
+            // fatboxd made the netns (VIFs already plugged) owned by a user namespace with
+            // this instance's mapping (userns::create_netns_owned): join that one, then the
+            // netns, over which it gives the guest's root its capabilities.
+            crate::userns::enter_netns_owner(p)?;
+            crate::network::enter_netns(p)?;
+        }
+        (false, Some(p)) => crate::network::enter_netns(p)?,
+        (_, None) => flags |= CloneFlags::CLONE_NEWNET,
+    }
+    if userns && netns.is_none() {
         // First, alone: the namespaces unshared below are then owned by it, so the guest's
         // root has capabilities over them and over nothing on the host.
         unshare(CloneFlags::CLONE_NEWUSER).map_err(|e| Error::sys("unshare(user)", e))?;
@@ -379,6 +405,8 @@ fn intermediate(
                 "the monitor did not map the user namespace".into(),
             ));
         }
+    }
+    if userns {
         let root_g = nix::unistd::Gid::from_raw(0);
         let root_u = nix::unistd::Uid::from_raw(0);
         sys(|| "setgroups".into(), nix::unistd::setgroups(&[]))?;
@@ -392,15 +420,7 @@ fn intermediate(
         )?;
     }
     drop(sync);
-    unshare(
-        CloneFlags::CLONE_NEWNS
-            | CloneFlags::CLONE_NEWUTS
-            | CloneFlags::CLONE_NEWIPC
-            | CloneFlags::CLONE_NEWNET
-            | CloneFlags::CLONE_NEWCGROUP
-            | CloneFlags::CLONE_NEWPID,
-    )
-    .map_err(|e| Error::sys("unshare", e))?;
+    unshare(flags).map_err(|e| Error::sys("unshare", e))?;
     // SAFETY: single-threaded process (forked from the single-threaded monitor).
     match unsafe { fork() }.map_err(|e| Error::sys("fork", e))? {
         ForkResult::Child => {
@@ -453,7 +473,6 @@ fn setup_and_exec(spec: &RuntimeSpec, slave_path: &Path, slave: &OwnedFd) -> Res
         || "sethostname".into(),
         nix::unistd::sethostname(&spec.hostname),
     )?;
-    crate::network::before_init(spec)?;
 
     // Relative to the cwd the intermediate set (the rootfs' parent); a relative lookup also
     // lands on the mounts stacked on the rootfs, unlike an fd would.

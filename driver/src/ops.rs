@@ -48,6 +48,7 @@ pub struct Manager {
     instances: Mutex<HashMap<String, Instance>>,
     locks: Mutex<HashMap<String, Arc<Mutex<()>>>>,
     ranges: crate::userns::Ranges,
+    pub(crate) net: crate::vifs::NetState,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -66,6 +67,7 @@ impl Manager {
             cfg,
             instances: Mutex::new(HashMap::new()),
             locks: Mutex::new(HashMap::new()),
+            net: Default::default(),
         }))
     }
 
@@ -73,7 +75,7 @@ impl Manager {
         self.cfg.instances_dir().join(uuid)
     }
 
-    fn op_lock(&self, uuid: &str) -> Arc<Mutex<()>> {
+    pub(crate) fn op_lock(&self, uuid: &str) -> Arc<Mutex<()>> {
         lock(&self.locks)
             .entry(uuid.to_string())
             .or_default()
@@ -102,7 +104,7 @@ impl Manager {
         v
     }
 
-    fn update(&self, uuid: &str, f: impl FnOnce(&mut Instance)) -> Result<Instance> {
+    pub(crate) fn update(&self, uuid: &str, f: impl FnOnce(&mut Instance)) -> Result<Instance> {
         let mut g = lock(&self.instances);
         let inst = g
             .get_mut(uuid)
@@ -136,11 +138,7 @@ impl Manager {
         }
         let userns = !req.privileged && req.userns.unwrap_or(sec.userns);
         let seccomp = !req.privileged && req.seccomp.unwrap_or(sec.seccomp);
-        if !req.nics.is_empty() {
-            return Err(Error::Invalid(
-                "nics: networking is not implemented yet (network issue)".into(),
-            ));
-        }
+        let nics = crate::vifs::parse_nics(&req.nics)?;
         let uuid = match &req.uuid {
             Some(u) => uuid::Uuid::parse_str(u)
                 .map_err(|e| Error::Invalid(format!("uuid {u:?}: {e}")))?
@@ -149,6 +147,7 @@ impl Manager {
             None => uuid::Uuid::new_v4().hyphenated().to_string(),
         };
         let image = images::lookup(&self.cfg, &req.image)?;
+        self.precheck_nics(&uuid, &nics)?;
         for k in &req.ssh_keys {
             if k.contains('\n') || k.len() > 16384 {
                 return Err(Error::Invalid(
@@ -165,7 +164,7 @@ impl Manager {
             state: VmState::Building,
             reason: None,
             ssh_keys: req.ssh_keys.clone(),
-            nics: req.nics.clone(),
+            nics,
             userns,
             idmap: None,
             seccomp,
@@ -293,6 +292,7 @@ impl Manager {
             _ => disk::mount_rootfs(&paths, &lowers, None)?,
         }
         write_identity(&paths.rootfs, &inst)?;
+        self.plug_vifs(&inst, &paths.rootfs)?;
         let cg = self.cgroups(uuid);
         cg.create(&inst.flavor)?;
         if let Some(r) = &idmap {
@@ -396,6 +396,9 @@ impl Manager {
         let cg = self.cgroups(uuid);
         cg.kill_all();
         crate::procfs::unregister(&self.cfg.procfs, uuid);
+        if let Err(e) = self.get(uuid).and_then(|i| self.unplug_vifs(&i)) {
+            tracing::warn!(uuid, error = %e, "unplugging VIFs failed");
+        }
         disk::unmount_rootfs(&Paths::new(&self.dir(uuid)))?;
         cg.remove()?;
         self.update(uuid, |i| {
@@ -412,6 +415,8 @@ impl Manager {
         self.set_state(&inst.uuid, VmState::Deleting, None)?;
         // Nova's destroy is a hard power-off.
         self.stop_locked(&inst.uuid, Duration::ZERO)?;
+        // Again, failing this time: ports left behind once the state is gone would leak.
+        self.unplug_vifs(&inst)?;
         let dir = self.dir(&inst.uuid);
         std::fs::remove_dir_all(&dir).map_err(io(&dir))?;
         if self.cfg.security.isolated_ranges {

@@ -411,6 +411,93 @@ fn mount_idmapped(
     res
 }
 
+/// Creates the instance's persistent network namespace at `path` owned by a user namespace
+/// with the range's mapping (so the guest's root may configure its own NICs and mount sysfs),
+/// made by a short-lived helper process; keeps an existing one. fatboxd, as host root, still
+/// plugs the VIFs into it.
+pub fn create_netns_owned(path: &Path, r: &IdRange) -> Result<()> {
+    use nix::mount::{mount, MsFlags};
+    if crate::network::is_netns(path) {
+        return Ok(());
+    }
+    let userns = userns_fd(r)?;
+    std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .map_err(io(path))?;
+    let ufd = userns.as_raw_fd();
+    let mut cmd = std::process::Command::new("/bin/sleep");
+    cmd.arg("60")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    // SAFETY: raw syscalls only, between fork and exec (the child is single-threaded, as
+    // setns into a user namespace requires).
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setns(ufd, libc::CLONE_NEWUSER) != 0 || libc::unshare(libc::CLONE_NEWNET) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().map_err(io("/bin/sleep (netns helper)"))?;
+    let src = format!("/proc/{}/ns/net", child.id());
+    let r = mount(
+        Some(src.as_str()),
+        path,
+        None::<&str>,
+        MsFlags::MS_BIND,
+        None::<&str>,
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+    if let Err(e) = r {
+        let _ = std::fs::remove_file(path);
+        return Err(Error::sys(format!("bind {src} on {}", path.display()), e));
+    }
+    let _ = mount(
+        None::<&str>,
+        path,
+        None::<&str>,
+        MsFlags::MS_PRIVATE,
+        None::<&str>,
+    );
+    Ok(())
+}
+
+/// Joins the user namespace that owns the netns at `path` (the monitor's intermediate,
+/// single-threaded, host root). Refuses a netns owned by our own user namespace: that one
+/// was not made for a guest with a range.
+pub fn enter_netns_owner(path: &Path) -> Result<()> {
+    const NS_GET_USERNS: libc::c_ulong = 0xb701;
+    let f = std::fs::File::open(path).map_err(io(path))?;
+    // SAFETY: ioctl on a valid nsfs fd; returns a new fd or -1.
+    let fd = unsafe { libc::ioctl(f.as_raw_fd(), NS_GET_USERNS) };
+    if fd < 0 {
+        return Err(Error::io(
+            format!("NS_GET_USERNS {}", path.display()),
+            std::io::Error::last_os_error(),
+        ));
+    }
+    // SAFETY: fd was just returned to us by the kernel.
+    let owner = unsafe { OwnedFd::from_raw_fd(fd) };
+    let ours = std::fs::metadata("/proc/self/ns/user").map_err(io("/proc/self/ns/user"))?;
+    let theirs = std::fs::File::from(owner);
+    let tm = theirs.metadata().map_err(io(path))?;
+    if tm.ino() == ours.ino() {
+        return Err(Error::Other(format!(
+            "{} belongs to the host's user namespace, not to the instance's",
+            path.display()
+        )));
+    }
+    nix::sched::setns(&theirs, nix::sched::CloneFlags::CLONE_NEWUSER)
+        .map_err(|e| Error::sys("setns(user)", e))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

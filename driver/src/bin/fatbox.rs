@@ -44,7 +44,8 @@ enum Cmd {
         ssh_key: Option<PathBuf>,
         #[arg(long)]
         uuid: Option<String>,
-        /// Not implemented yet (network issue).
+        /// A NIC on the integration bridge (repeatable, eth0, eth1, ... in order):
+        /// vlan=100,ip=10.20.0.5/24[,gw=..][,mac=..][,mtu=..][,port=ID][,dns=..][,dhcp].
         #[arg(long)]
         nic: Vec<String>,
         /// Return at once (state building) instead of waiting for the boot.
@@ -98,6 +99,26 @@ enum Cmd {
         id: String,
         #[arg(last = true, required = true)]
         cmd: Vec<String>,
+    },
+    /// Hot-plug a NIC (the next free ethN inside); prints its port id.
+    InterfaceAttach {
+        id: String,
+        /// As `run --nic`.
+        #[arg(long)]
+        nic: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Hot-unplug a NIC by port id.
+    InterfaceDetach {
+        id: String,
+        port_id: String,
+    },
+    /// The instance's NICs.
+    InterfaceList {
+        id: String,
+        #[arg(long)]
+        json: bool,
     },
     /// Host resources.
     Host {
@@ -172,9 +193,45 @@ fn print_instance(v: &Value) {
         );
     }
     println!("init_pid:    {}", s("init_pid"));
+    for n in v
+        .get("nics")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        println!("nic:         {}", nic_line(n));
+    }
     if let Some(r) = v.get("reason").filter(|r| !r.is_null()) {
         println!("reason:      {}", r.as_str().unwrap_or_default());
     }
+}
+
+fn nic_line(n: &Value) -> String {
+    let s = |k: &str| n.get(k).and_then(Value::as_str).unwrap_or("-").to_string();
+    let ips: Vec<&str> = n
+        .get("ips")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .collect();
+    let vlan = n
+        .get("vlan")
+        .and_then(Value::as_u64)
+        .map(|v| v.to_string())
+        .unwrap_or_else(|| "-".into());
+    format!(
+        "{} port={} mac={} vlan={vlan} ips={} tap={}",
+        s("ifname"),
+        s("port_id"),
+        s("mac"),
+        if ips.is_empty() {
+            "-".to_string()
+        } else {
+            ips.join(",")
+        },
+        s("tap")
+    )
 }
 
 fn path_id(id: &str) -> anyhow::Result<&str> {
@@ -347,6 +404,51 @@ async fn run(args: Args) -> anyhow::Result<i32> {
             std::io::stdout().write_all(&r.body)?;
         }
         Cmd::Exec { id, cmd } => return exec(&c, &id, &cmd).await,
+        Cmd::InterfaceAttach { id, nic, json } => {
+            let v = call(
+                &c,
+                "POST",
+                &format!("/v1/instances/{}/interfaces", path_id(&id)?),
+                Some(json!({ "nic": nic })),
+            )
+            .await?;
+            if json {
+                println!("{v:#}");
+            } else {
+                println!(
+                    "{}",
+                    v.get("port_id").and_then(Value::as_str).unwrap_or_default()
+                );
+            }
+        }
+        Cmd::InterfaceDetach { id, port_id } => {
+            if port_id.is_empty() || port_id.contains(['/', '?', '#']) {
+                bail!("invalid port id {port_id:?}");
+            }
+            call(
+                &c,
+                "DELETE",
+                &format!("/v1/instances/{}/interfaces/{port_id}", path_id(&id)?),
+                None,
+            )
+            .await?;
+        }
+        Cmd::InterfaceList { id, json } => {
+            let v = call(
+                &c,
+                "GET",
+                &format!("/v1/instances/{}/interfaces", path_id(&id)?),
+                None,
+            )
+            .await?;
+            if json {
+                println!("{v:#}");
+            } else {
+                for n in v.as_array().into_iter().flatten() {
+                    println!("{}", nic_line(n));
+                }
+            }
+        }
         Cmd::Host { json } => {
             let v = call(&c, "GET", "/v1/host", None).await?;
             if json {

@@ -55,6 +55,10 @@ async fn daemon(cfg: Config) -> anyhow::Result<()> {
         .await
         .context("restore task")?
         .context("live-restore")?;
+    // Ports of running instances are re-ensured in the background: an OVSDB that is slow to
+    // come back must not keep the API down.
+    let m3 = m.clone();
+    tokio::task::spawn_blocking(move || m3.restore_vifs());
     if let Some(parent) = socket.parent() {
         std::fs::create_dir_all(parent).with_context(|| parent.display().to_string())?;
     }

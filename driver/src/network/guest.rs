@@ -296,6 +296,74 @@ fn netplan_yaml(nics: &[(u32, NicSpec)]) -> String {
     s
 }
 
+const STANZA_WORDS: [&str; 7] = [
+    "iface",
+    "auto",
+    "allow-auto",
+    "allow-hotplug",
+    "mapping",
+    "source",
+    "source-directory",
+];
+
+/// Comments out the image's own stanzas for the interfaces fatbox configures (a converted
+/// image says `iface eth0 inet dhcp`; ifupdown would run both, and dhclient would hold the
+/// boot for a minute on a static network).
+fn disable_stanzas(text: &str, managed: &[String]) -> String {
+    let mut out = String::new();
+    let mut in_managed = false;
+    for line in text.lines() {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let first = words.first().copied().unwrap_or("");
+        if STANZA_WORDS.contains(&first) {
+            in_managed = false;
+        }
+        let is_managed = |w: &str| managed.iter().any(|m| m == w);
+        match first {
+            "iface" if words.get(1).is_some_and(|w| is_managed(w)) => {
+                in_managed = true;
+                let _ = writeln!(out, "#fatbox: {line}");
+            }
+            "auto" | "allow-auto" | "allow-hotplug" if words[1..].iter().any(|w| is_managed(w)) => {
+                let _ = writeln!(out, "#fatbox: {line}");
+                let keep: Vec<&str> = words[1..]
+                    .iter()
+                    .copied()
+                    .filter(|w| !is_managed(w))
+                    .collect();
+                if !keep.is_empty() {
+                    let _ = writeln!(out, "{first} {}", keep.join(" "));
+                }
+            }
+            _ if in_managed && !first.is_empty() && !first.starts_with('#') => {
+                let _ = writeln!(out, "#fatbox: {line}");
+            }
+            _ => {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+    }
+    out
+}
+
+/// Removes what [`write_guest_config`] wrote for `eth<index>` alone (systemd-networkd keeps one
+/// file per interface; the other systems' single file is rewritten for the remaining NICs).
+pub fn remove_guest_config(rootfs: &Path, index: u32) -> Result<()> {
+    let root = Root::open(rootfs)?;
+    let dir = "etc/systemd/network";
+    let dfd = match root.open_in(dir, OFlags::RDONLY | OFlags::DIRECTORY) {
+        Ok(fd) => fd,
+        Err(rustix::io::Errno::NOENT) => return Ok(()),
+        Err(e) => return Err(io_err(rootfs, dir, e)),
+    };
+    let name = format!("10-fatbox-{}.network", ifname(index));
+    match rustix::fs::unlinkat(dfd.as_fd(), name.as_str(), AtFlags::empty()) {
+        Ok(()) | Err(rustix::io::Errno::NOENT) => Ok(()),
+        Err(e) => Err(io_err(rootfs, &format!("{dir}/{name}"), e)),
+    }
+}
+
 /// Writes configuration for `eth<index>` of each NIC in the system the image uses. Returns
 /// which one, or `None` (nothing written) when the image has none of them.
 pub fn write_guest_config(
@@ -345,23 +413,43 @@ pub fn write_guest_config(
                 &ifupdown_stanzas(nics),
                 0o644,
             )?;
-            let main = root.read("etc/network/interfaces")?.unwrap_or_default();
+            let orig = root.read("etc/network/interfaces")?.unwrap_or_default();
+            let managed: Vec<String> = nics.iter().map(|(i, _)| ifname(*i)).collect();
+            let main = disable_stanzas(&orig, &managed);
             let sourced = main.lines().any(|l| {
                 let l = l.trim();
                 l.starts_with("source /etc/network/interfaces.d/")
                     || l.starts_with("source-directory /etc/network/interfaces.d")
                     || l.starts_with("source-directory interfaces.d")
             });
+            let mut new = main;
             if !sourced {
-                let mut new = main;
                 if !new.is_empty() && !new.ends_with('\n') {
                     new.push('\n');
                 }
                 new.push_str("source /etc/network/interfaces.d/*\n");
+            }
+            if new != orig {
                 root.write("etc/network", "interfaces", &new, 0o644)?;
             }
         }
     }
     info!(rootfs = %rootfs.display(), ?kind, nics = nics.len(), "guest network config written");
     Ok(Some(kind))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::disable_stanzas;
+
+    #[test]
+    fn disables_only_managed_stanzas() {
+        let text = "source /etc/network/interfaces.d/*\n\nauto lo\niface lo inet loopback\n\nauto eth0 eth1\niface eth0 inet dhcp\n    hostname x\n# keep\niface eth1 inet dhcp\n";
+        let out = disable_stanzas(text, &["eth0".to_string()]);
+        assert_eq!(
+            out,
+            "source /etc/network/interfaces.d/*\n\nauto lo\niface lo inet loopback\n\n#fatbox: auto eth0 eth1\nauto eth1\n#fatbox: iface eth0 inet dhcp\n#fatbox:     hostname x\n# keep\niface eth1 inet dhcp\n"
+        );
+        assert_eq!(disable_stanzas(&out, &["eth0".to_string()]), out);
+    }
 }

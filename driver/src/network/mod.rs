@@ -9,6 +9,7 @@
 mod error;
 mod guest;
 mod netlink;
+mod netns;
 mod ovs;
 mod ovsdb;
 mod spec;
@@ -23,9 +24,15 @@ use serde::{Deserialize, Serialize};
 use tracing::{debug, info, warn};
 
 pub use error::{Error, Result};
-pub use guest::{detect_guest_network, write_guest_config, GuestNetworkConfig};
+pub use guest::{
+    detect_guest_network, remove_guest_config, write_guest_config, GuestNetworkConfig,
+};
+pub use netns::{create_netns, enter_netns, is_netns, remove_netns};
 pub use ovs::{ATTACHED_MAC, IFACE_ID, IFACE_STATUS, VM_UUID};
-pub use spec::{parse_nic, MacAddr, NicSpec, MAX_MTU, MIN_MTU};
+pub use spec::{nic_from_json, parse_nic, MacAddr, NicSpec, MAX_MTU, MIN_MTU};
+
+/// Name of the bind-mounted network namespace file in an instance directory.
+pub const NETNS_FILE: &str = "netns";
 
 use ovs::DesiredPort;
 use ovsdb::OvsdbClient;
@@ -123,6 +130,31 @@ pub struct PluggedVif {
     pub bridge: String,
     pub vlan: Option<u16>,
     pub mtu: Option<u32>,
+}
+
+/// A NIC of an instance as state.json keeps it: the VIF and its slot (`eth<index>`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceNic {
+    pub index: u32,
+    #[serde(flatten)]
+    pub nic: NicSpec,
+}
+
+impl InstanceNic {
+    pub fn ifname(&self) -> String {
+        format!("eth{}", self.index)
+    }
+
+    /// What the API shows: the stored VIF plus the device names on both sides.
+    pub fn view(&self) -> serde_json::Value {
+        let mut v = serde_json::to_value(self).unwrap_or(serde_json::Value::Null);
+        if let Some(o) = v.as_object_mut() {
+            o.insert("ifname".into(), self.ifname().into());
+            o.insert("tap".into(), self.nic.tap_name().into());
+            o.insert("mac".into(), self.nic.effective_mac().to_string().into());
+        }
+        v
+    }
 }
 
 /// Driver-side network service: one OVSDB session (reconnecting) and one rtnetlink socket.
@@ -304,6 +336,28 @@ impl Network {
             });
         }
         Ok(snap.port)
+    }
+
+    /// Everything `plug` checks before it creates anything (NIC fields, bridge, MTU against the
+    /// bridge, port id and device name unused), without creating anything.
+    pub async fn precheck(&self, instance_uuid: &str, nic: &NicSpec) -> Result<()> {
+        validate_instance_uuid(instance_uuid)?;
+        nic.validate()?;
+        let bridge = nic
+            .bridge
+            .as_deref()
+            .unwrap_or(&self.cfg.integration_bridge);
+        self.check(instance_uuid, bridge, nic, false).await?;
+        if netlink::get_link(&self.nl, &nic.tap_name())
+            .await?
+            .is_some()
+        {
+            return Err(Error::DuplicatePort {
+                port_id: nic.port_id.clone(),
+                reason: format!("host link {} already exists", nic.tap_name()),
+            });
+        }
+        Ok(())
     }
 
     /// Adds or repairs the OVS port; safe to repeat after a lost reply.
@@ -510,8 +564,8 @@ impl Network {
     }
 }
 
-/// The runtime's hook, called inside the new network namespace before init starts. NICs are
-/// plugged by fatboxd from the host side (see [`Network::plug`]); nothing is needed in here yet.
-pub fn before_init(_spec: &crate::spec::RuntimeSpec) -> crate::error::Result<()> {
-    Ok(())
+/// The instance's network namespace file inside its directory, when it is mounted.
+pub fn instance_netns(instance_dir: &std::path::Path) -> Option<PathBuf> {
+    let p = instance_dir.join(NETNS_FILE);
+    netns::is_netns(&p).then_some(p)
 }

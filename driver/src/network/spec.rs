@@ -98,10 +98,13 @@ pub struct NicSpec {
     /// OVS bridge; the configured integration bridge when absent.
     pub bridge: Option<String>,
     /// Fixed IPs with prefix length.
+    #[serde(default)]
     pub ips: Vec<IpNet>,
     pub gateway: Option<IpAddr>,
+    #[serde(default)]
     pub dns: Vec<IpAddr>,
     /// The network runs DHCP: the guest's own client configures the address.
+    #[serde(default)]
     pub dhcp: bool,
 }
 
@@ -182,6 +185,43 @@ pub(crate) fn validate_port_id(id: &str) -> Result<()> {
     } else {
         Err(Error::InvalidPortId(id.to_string()))
     }
+}
+
+/// A NIC as the API takes it: the CLI string, `{"spec": "<CLI string>"}`, or a VIF object
+/// (`port_id`, `mac`, `mtu`, `vlan`, `bridge`, `ips`, `gateway`, `dns`, `dhcp`; a missing
+/// port id is generated). Validated; the MAC is filled in.
+pub fn nic_from_json(v: &serde_json::Value) -> Result<NicSpec> {
+    use serde_json::Value;
+    let mut nic = match v {
+        Value::String(s) => return parse_nic(s),
+        Value::Object(o) if o.len() == 1 && o.contains_key("spec") => {
+            return match o.get("spec") {
+                Some(Value::String(s)) => parse_nic(s),
+                _ => Err(Error::invalid_nic(&v.to_string(), "spec must be a string")),
+            };
+        }
+        Value::Object(o) => {
+            let mut o = o.clone();
+            o.entry("port_id")
+                .or_insert_with(|| Value::String(uuid::Uuid::new_v4().to_string()));
+            serde_json::from_value::<NicSpec>(Value::Object(o))
+                .map_err(|e| Error::invalid_nic(&v.to_string(), e.to_string()))?
+        }
+        _ => {
+            return Err(Error::invalid_nic(
+                &v.to_string(),
+                "expected a string or an object",
+            ))
+        }
+    };
+    if nic.mac.is_none() {
+        nic.mac = Some(nic.effective_mac());
+    }
+    if nic.ips.is_empty() && !nic.dhcp {
+        return Err(Error::invalid_nic(&v.to_string(), "give ips or dhcp"));
+    }
+    nic.validate()?;
+    Ok(nic)
 }
 
 /// Parses the CLI syntax `vlan=100,ip=10.20.0.5/24[,gw=10.20.0.1][,mac=..][,mtu=..]
@@ -301,6 +341,29 @@ mod tests {
         assert_eq!(n.port_id.len(), 36);
         assert_eq!(n.tap_name().len(), 14);
         assert_eq!(n.mac.unwrap().0[..3], [0xfa, 0x16, 0x3e]);
+    }
+
+    #[test]
+    fn json_forms() {
+        let a = nic_from_json(&serde_json::json!("vlan=100,ip=10.0.0.2/24")).unwrap();
+        assert_eq!(a.vlan, Some(100));
+        let b = nic_from_json(&serde_json::json!({"spec": "vlan=5,dhcp"})).unwrap();
+        assert!(b.dhcp);
+        let c = nic_from_json(&serde_json::json!({
+            "port_id": "p1", "vlan": 7, "ips": ["10.1.0.2/24"], "mac": "fa:16:3e:01:02:03"
+        }))
+        .unwrap();
+        assert_eq!(c.port_id, "p1");
+        assert_eq!(c.mac.unwrap().to_string(), "fa:16:3e:01:02:03");
+        for bad in [
+            serde_json::json!({"spec": 5}),
+            serde_json::json!({"vlan": 4095, "ips": ["10.1.0.2/24"]}),
+            serde_json::json!({"vlan": 7}),
+            serde_json::json!({"vlan": 7, "ips": ["x"]}),
+            serde_json::json!(42),
+        ] {
+            assert!(nic_from_json(&bad).is_err(), "{bad} accepted");
+        }
     }
 
     #[test]

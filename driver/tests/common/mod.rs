@@ -45,6 +45,11 @@ impl Daemon {
         Daemon::start_with("")
     }
 
+    /// A daemon whose `[network]` section holds `network` (TOML lines).
+    pub fn start_with_network(network: &str) -> Daemon {
+        Daemon::start_with(&format!("[network]\n{network}\n"))
+    }
+
     /// A daemon whose config gets `extra` (TOML sections) appended.
     pub fn start_with(extra: &str) -> Daemon {
         // /var/tmp: a disk-backed filesystem (overlay lower dirs, disk images).
@@ -57,7 +62,7 @@ impl Daemon {
         std::fs::write(
             &config,
             format!(
-                "state_dir = \"{}\"\nsocket = \"{}\"\ncgroup_parent = \"fatbox-test-{}\"\nstop_timeout = 20\n[procfs]\n[network]\n[glance]\n{}",
+                "state_dir = \"{}\"\nsocket = \"{}\"\ncgroup_parent = \"fatbox-test-{}\"\nstop_timeout = 20\n[procfs]\n[glance]\n{}",
                 dir.path().join("state").display(),
                 socket.display(),
                 std::process::id(),
