@@ -286,19 +286,11 @@ fn start_init(
             drop(go_w);
             let mut errf = File::from(err_w);
             let sync = Sync {
+                userns: idmap.is_some(),
                 unshared: File::from(ns_w),
                 mapped: File::from(go_r),
             };
-            let r = intermediate(
-                spec,
-                idmap.is_some(),
-                netns,
-                sync,
-                slave_path,
-                slave,
-                pid_w,
-                &mut errf,
-            );
+            let r = intermediate(spec, netns, sync, slave_path, slave, pid_w, &mut errf);
             if let Err(e) = r {
                 let _ = errf.write_all(e.to_string().as_bytes());
                 // SAFETY: leave without running the parent's atexit handlers.
@@ -349,13 +341,13 @@ fn start_init(
 
 /// The intermediate's ends of the user-namespace handshake.
 struct Sync {
+    userns: bool,
     unshared: File,
     mapped: File,
 }
 
 fn intermediate(
     spec: &RuntimeSpec,
-    userns: bool,
     netns: Option<&Path>,
     mut sync: Sync,
     slave_path: &Path,
@@ -363,6 +355,7 @@ fn intermediate(
     pid_w: OwnedFd,
     errf: &mut File,
 ) -> Result<()> {
+    let userns = sync.userns;
     let me = std::process::id().to_string();
     for d in &spec.cgroups {
         let p = d.join("cgroup.procs");
