@@ -15,6 +15,12 @@ export FATBOX_FIXTURES
 echo "fixtures: $FATBOX_FIXTURES" >&2
 echo "== cargo test" >&2
 cargo test --workspace --release --no-fail-fast -- --test-threads="${FATBOX_TEST_THREADS:-2}"
+echo "== nova driver (real nova from PyPI, real fatboxd)" >&2
+NOVA_VENV=$(bash tests/nova/setup.sh | tail -n 1)
+(cd tests/nova && "$NOVA_VENV/bin/python" -m pytest -p no:cacheprovider -W ignore -q -rfEs \
+  test_fatbox_driver.py)
+echo "== devstack plugin" >&2
+bash tests/devstack/test_plugin.sh
 if [ -x guestfs-tools/fuzz/ci.sh ] || [ -f guestfs-tools/fuzz/ci.sh ]; then
   echo "== fuzz smoke" >&2
   bash guestfs-tools/fuzz/ci.sh "${FATBOX_FUZZ_SECONDS:-20}"

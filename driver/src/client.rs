@@ -48,7 +48,12 @@ impl Client {
     ) -> Result<Reply> {
         let stream = tokio::net::UnixStream::connect(&self.socket)
             .await
-            .map_err(|e| Error::io(&self.socket, e))?;
+            .map_err(|e| {
+                Error::Other(format!(
+                    "cannot reach fatboxd at {}: {e} (is fatboxd running? --socket or FATBOX_SOCKET selects another socket)",
+                    self.socket.display()
+                ))
+            })?;
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .map_err(|e| Error::Other(format!("handshake: {e}")))?;

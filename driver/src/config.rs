@@ -139,6 +139,18 @@ impl Config {
         let cfg: Config = built
             .try_deserialize()
             .map_err(|e| Error::Config(format!("{}: {e}", file.display())))?;
+        // The environment may hold unrelated FATBOX_* variables, so only the file is held to
+        // the known keys: a misspelt key there would otherwise be ignored without a word.
+        if file.exists() {
+            let unknown = unknown_file_keys(&file)?;
+            if !unknown.is_empty() {
+                return Err(Error::Config(format!(
+                    "{}: unknown key(s) {} (docs/configuration.md lists the keys)",
+                    file.display(),
+                    unknown.join(", ")
+                )));
+            }
+        }
         if cfg.cgroup_parent.is_empty()
             || cfg.cgroup_parent.contains("..")
             || cfg.cgroup_parent.starts_with('/')
@@ -167,4 +179,54 @@ impl Config {
     pub fn layers_dir(&self) -> PathBuf {
         self.state_dir.join("layers")
     }
+}
+
+/// Keys in the TOML file that `Config` does not have: each file leaf must survive a
+/// deserialize/serialize round trip.
+fn unknown_file_keys(file: &Path) -> Result<Vec<String>> {
+    let cfg_err = |e: &dyn std::fmt::Display| Error::Config(format!("{}: {e}", file.display()));
+    let only_file = config::Config::builder()
+        .add_source(config::File::from(file.to_path_buf()))
+        .build()
+        .map_err(|e| cfg_err(&e))?;
+    let raw: serde_json::Value = only_file
+        .clone()
+        .try_deserialize()
+        .map_err(|e| cfg_err(&e))?;
+    let typed: Config = only_file.try_deserialize().map_err(|e| cfg_err(&e))?;
+    let back = serde_json::to_value(&typed).map_err(|e| cfg_err(&e))?;
+    let mut unknown = Vec::new();
+    fn walk(
+        raw: &serde_json::Value,
+        back: Option<&serde_json::Value>,
+        at: &str,
+        out: &mut Vec<String>,
+    ) {
+        match raw {
+            serde_json::Value::Object(m) => {
+                for (k, v) in m {
+                    let p = if at.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{at}.{k}")
+                    };
+                    walk(v, back.and_then(|b| b.get(k)), &p, out);
+                }
+            }
+            _ => {
+                if back.is_none() {
+                    out.push(p_or_root(at));
+                }
+            }
+        }
+    }
+    fn p_or_root(at: &str) -> String {
+        if at.is_empty() {
+            "(root)".into()
+        } else {
+            format!("`{at}`")
+        }
+    }
+    walk(&raw, Some(&back), "", &mut unknown);
+    Ok(unknown)
 }

@@ -6,18 +6,12 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("{what}: {source}")]
-    Sys {
-        what: String,
-        #[source]
-        source: nix::Error,
-    },
+    // The cause is part of the message and deliberately not a `source()`: the CLI prints the
+    // whole chain, which would repeat it ("x: No such file: No such file").
+    #[error("{path}: {err}")]
+    Io { path: PathBuf, err: std::io::Error },
+    #[error("{what}: {err}")]
+    Sys { what: String, err: nix::Error },
     /// The request is malformed or asks for something impossible (HTTP 400).
     #[error("invalid request: {0}")]
     Invalid(String),
@@ -44,14 +38,14 @@ impl Error {
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io {
             path: path.into(),
-            source,
+            err: source,
         }
     }
 
     pub fn sys(what: impl Into<String>, source: nix::Error) -> Self {
         Error::Sys {
             what: what.into(),
-            source,
+            err: source,
         }
     }
 }

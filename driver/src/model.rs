@@ -154,6 +154,9 @@ pub struct Instance {
     /// Guest root is mapped to the host id range `idmap` (a user namespace).
     #[serde(default)]
     pub userns: bool,
+    /// True when the instance has a metadata drive (configdrive.rs) bound at /config-drive.
+    #[serde(default)]
+    pub config_drive: bool,
     #[serde(default)]
     pub idmap: Option<crate::userns::IdRange>,
     /// The default seccomp profile is applied to the guest.
@@ -229,6 +232,7 @@ impl Instance {
             "power_state": self.power_state().code(),
             "flavor": self.flavor,
             "nics": self.nics.iter().map(|n| n.view()).collect::<Vec<_>>(),
+            "config_drive": self.config_drive,
             "security": {
                 "userns": self.userns,
                 "idmap": self.idmap,

@@ -538,6 +538,26 @@ fn setup_and_exec(spec: &RuntimeSpec, slave_path: &Path, slave: &OwnedFd) -> Res
         }
     }
 
+    for (src, rel) in &spec.ro_binds {
+        let t = at(rel);
+        // Instance files are reached from the cwd (the instance dir), not through ancestors
+        // the guest's root may not search.
+        let src = spec
+            .rootfs
+            .parent()
+            .and_then(|p| src.strip_prefix(p).ok())
+            .filter(|rel_src| !rel_src.as_os_str().is_empty())
+            .unwrap_or(src);
+        // A guest symlink here would aim the bind at a host path.
+        if t.symlink_metadata().is_ok_and(|m| !m.is_dir()) {
+            return Err(Error::Invalid(format!(
+                "/{rel} in the guest is not a directory"
+            )));
+        }
+        mkdir(&t)?;
+        bind(src, &t, true)?;
+    }
+
     setup_dev(r, slave_path)?;
 
     for (p, mode) in [("run", "0755"), ("tmp", "1777")] {

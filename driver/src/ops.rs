@@ -41,6 +41,9 @@ pub struct CreateRequest {
     /// Trusted workload: no user namespace, no seccomp (needs `allow_privileged`).
     #[serde(default)]
     pub privileged: bool,
+    /// Metadata drive files: relative path -> base64 content (configdrive.rs).
+    #[serde(default)]
+    pub config_drive: Option<std::collections::BTreeMap<String, String>>,
 }
 
 pub struct Manager {
@@ -148,6 +151,11 @@ impl Manager {
         };
         let image = images::lookup(&self.cfg, &req.image)?;
         self.precheck_nics(&uuid, &nics)?;
+        let drive = req
+            .config_drive
+            .as_ref()
+            .map(crate::configdrive::decode)
+            .transpose()?;
         for k in &req.ssh_keys {
             if k.contains('\n') || k.len() > 16384 {
                 return Err(Error::Invalid(
@@ -169,6 +177,7 @@ impl Manager {
             idmap: None,
             seccomp,
             privileged: req.privileged,
+            config_drive: drive.is_some(),
             monitor: None,
             init: None,
             created_at: now_secs(),
@@ -207,6 +216,12 @@ impl Manager {
             std::io::ErrorKind::AlreadyExists => Error::Conflict(format!("uuid {uuid} exists")),
             _ => Error::io(&dir, e),
         })?;
+        if let Some(files) = &drive {
+            if let Err(e) = crate::configdrive::write(&dir, files) {
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(e);
+            }
+        }
         inst.save(&dir)?;
         g.insert(uuid, inst.clone());
         Ok(inst)
@@ -298,7 +313,7 @@ impl Manager {
         if let Some(r) = &idmap {
             crate::userns::delegate_cgroup(&cg.unified, r)?;
         }
-        let spec = RuntimeSpec {
+        let mut spec = RuntimeSpec {
             uuid: uuid.to_string(),
             hostname: inst.name.clone(),
             rootfs: paths.rootfs.clone(),
@@ -318,7 +333,15 @@ impl Manager {
             idmap,
             seccomp: inst.seccomp,
             allow_perf_event: self.cfg.security.allow_perf_event,
+            ro_binds: Vec::new(),
         };
+        if inst.config_drive {
+            spec.env.push(crate::configdrive::PRODUCT_ENV.into());
+            spec.ro_binds.push((
+                dir.join(crate::configdrive::DIR),
+                crate::configdrive::GUEST_PATH.into(),
+            ));
+        }
         spec.save(&dir)?;
         for f in [INIT_FILE, EXIT_FILE, REBOOT_FLAG] {
             let _ = std::fs::remove_file(dir.join(f));

@@ -29,6 +29,9 @@ pub struct RuntimeSpec {
     pub seccomp: bool,
     #[serde(default)]
     pub allow_perf_event: bool,
+    /// Host directories bound read-only at guest paths (relative to the guest root).
+    #[serde(default)]
+    pub ro_binds: Vec<(PathBuf, String)>,
 }
 
 impl RuntimeSpec {

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Runs Nova's own test_virt_drivers.py driver tests against FatboxDriver (a report, not a
+# gate: see nova_virt_drivers.py). Usage: run-nova-virt-tests.sh [pytest -k expression]
+set -euo pipefail
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+VENV=$(bash "$HERE/setup.sh" | tail -n1)
+cd "$HERE"
+exec "$VENV/bin/python" -m pytest -p no:cacheprovider -W ignore -q -rfE \
+    ${1:+-k "$1"} nova_virt_drivers.py
