@@ -104,6 +104,13 @@ async fn show(State(m): State<Mgr>, Path(id): Path<String>) -> ApiResult<Json<Va
     let mut v = inst.view();
     if let Some(o) = v.as_object_mut() {
         o.insert("cgroups".into(), json!(m.cgroups(&inst.uuid).dirs));
+        if let Some(sec) = o.get_mut("security").and_then(Value::as_object_mut) {
+            // What `fatbox exec` must apply to match init.
+            sec.insert(
+                "allow_perf_event".into(),
+                json!(m.cfg.security.allow_perf_event),
+            );
+        }
     }
     Ok(Json(v))
 }

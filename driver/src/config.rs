@@ -27,6 +27,7 @@ pub struct Config {
     pub glance: GlanceConfig,
     /// Keystone v3 for Glance (token + catalog); no auth_url = Glance without auth.
     pub keystone: KeystoneSection,
+    pub security: SecurityConfig,
 }
 
 impl Default for Config {
@@ -42,6 +43,7 @@ impl Default for Config {
             network: NetworkConfig::default(),
             glance: GlanceConfig::default(),
             keystone: KeystoneSection::default(),
+            security: SecurityConfig::default(),
         }
     }
 }
@@ -61,6 +63,53 @@ impl Default for ProcfsConfig {
             enabled: true,
             mount: "/run/fatbox/procfs".into(),
             registry: "/run/fatbox/procfs.d".into(),
+        }
+    }
+}
+
+/// Isolation of the guests (docs/security.md).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct SecurityConfig {
+    /// Default seccomp profile for every guest (see `seccomp.rs`).
+    pub seccomp: bool,
+    /// Let guests call perf_event_open (profilers); denied by default.
+    pub allow_perf_event: bool,
+    /// Run guests in a user namespace: guest root is an unprivileged host uid.
+    pub userns: bool,
+    /// First host uid/gid of the ranges guests are mapped to.
+    pub id_base: u32,
+    /// Ids per instance (guest ids 0..id_size).
+    pub id_size: u32,
+    /// Give every instance its own, non-overlapping range (allocated and persisted in
+    /// `<state_dir>/idranges.json`, freed on delete) instead of one shared range.
+    pub isolated_ranges: bool,
+    /// How the shared image layers are shown to a guest with a user namespace: "idmap"
+    /// (idmapped mounts, falling back to "copy" if the kernel refuses) or "copy" (a
+    /// chowned copy of each layer per id range, made once).
+    pub shift: ShiftMode,
+    /// Allow instances that ask for `privileged` (no user namespace, no seccomp).
+    pub allow_privileged: bool,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ShiftMode {
+    Idmap,
+    Copy,
+}
+
+impl Default for SecurityConfig {
+    fn default() -> Self {
+        SecurityConfig {
+            seccomp: true,
+            allow_perf_event: false,
+            userns: true,
+            id_base: 1_000_000,
+            id_size: 65536,
+            isolated_ranges: false,
+            shift: ShiftMode::Idmap,
+            allow_privileged: false,
         }
     }
 }
@@ -133,6 +182,13 @@ impl Config {
             return Err(Error::Config(format!(
                 "cgroup_parent {:?} must be a relative path",
                 cfg.cgroup_parent
+            )));
+        }
+        let sec = &cfg.security;
+        if sec.id_size == 0 || sec.id_base == 0 || sec.id_base.checked_add(sec.id_size).is_none() {
+            return Err(Error::Config(format!(
+                "security.id_base {} / id_size {} must be non-zero and fit in 32 bits",
+                sec.id_base, sec.id_size
             )));
         }
         Ok(cfg)

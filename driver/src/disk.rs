@@ -157,8 +157,14 @@ pub fn is_mountpoint(path: &Path) -> bool {
         .any(|l| l.split(' ').nth(4).is_some_and(|mp| mp == p))
 }
 
-/// Mounts the disk and the overlay rootfs (idempotent).
-pub fn mount_rootfs(paths: &Paths, lowers_top_first: &[PathBuf]) -> Result<()> {
+/// Mounts the disk and the overlay rootfs (idempotent). `upper_owner`: the host uid/gid that
+/// owns the upper dir (the guest's root under a user namespace), set before the overlay is
+/// mounted because overlay caches its root's owner.
+pub fn mount_rootfs(
+    paths: &Paths,
+    lowers_top_first: &[PathBuf],
+    upper_owner: Option<u32>,
+) -> Result<()> {
     for d in [&paths.disk_mnt, &paths.rootfs] {
         std::fs::create_dir_all(d).map_err(io(d))?;
     }
@@ -194,6 +200,9 @@ pub fn mount_rootfs(paths: &Paths, lowers_top_first: &[PathBuf]) -> Result<()> {
     let work = paths.disk_mnt.join("work");
     for d in [&upper, &work] {
         std::fs::create_dir_all(d).map_err(io(d))?;
+    }
+    if let Some(id) = upper_owner {
+        std::os::unix::fs::chown(&upper, Some(id), Some(id)).map_err(io(&upper))?;
     }
     if !is_mountpoint(&paths.rootfs) {
         let lower = lowers_top_first

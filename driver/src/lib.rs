@@ -10,6 +10,7 @@ pub mod client;
 pub mod config;
 pub mod configdrive;
 pub mod disk;
+pub mod enter;
 pub mod error;
 pub mod glance;
 pub mod host;
@@ -19,7 +20,9 @@ pub mod monitor;
 pub mod network;
 pub mod ops;
 pub mod procfs;
+pub mod seccomp;
 pub mod spec;
+pub mod userns;
 pub mod vifs;
 
 pub use error::{Error, Result};

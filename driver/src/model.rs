@@ -153,12 +153,20 @@ pub struct Instance {
     pub ssh_keys: Vec<String>,
     #[serde(default)]
     pub nics: Vec<crate::network::InstanceNic>,
-    /// Seam for the user-namespace issue: when true, root is mapped to a host range.
+    /// Guest root is mapped to the host id range `idmap` (a user namespace).
     #[serde(default)]
     pub userns: bool,
     /// True when the instance has a metadata drive (configdrive.rs) bound at /config-drive.
     #[serde(default)]
     pub config_drive: bool,
+    #[serde(default)]
+    pub idmap: Option<crate::userns::IdRange>,
+    /// The default seccomp profile is applied to the guest.
+    #[serde(default = "yes")]
+    pub seccomp: bool,
+    /// Asked for privileged mode (no user namespace, no seccomp).
+    #[serde(default)]
+    pub privileged: bool,
     #[serde(default)]
     pub monitor: Option<ProcId>,
     #[serde(default)]
@@ -177,6 +185,10 @@ pub struct RescueImage {
     pub image: String,
     /// Digests of its layers, bottom first.
     pub layers: Vec<String>,
+}
+
+fn yes() -> bool {
+    true
 }
 
 pub fn now_secs() -> u64 {
@@ -234,6 +246,12 @@ impl Instance {
             "flavor": self.flavor,
             "nics": self.nics.iter().map(|n| n.view()).collect::<Vec<_>>(),
             "config_drive": self.config_drive,
+            "security": {
+                "userns": self.userns,
+                "idmap": self.idmap,
+                "seccomp": self.seccomp,
+                "privileged": self.privileged,
+            },
             "init_pid": self.init.as_ref().filter(|p| p.alive()).map(|p| p.pid),
             "monitor_pid": self.monitor.as_ref().filter(|p| p.alive()).map(|p| p.pid),
             "created_at": self.created_at,

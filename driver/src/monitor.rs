@@ -250,22 +250,47 @@ fn start_init(
     slave_path: &Path,
     slave: &OwnedFd,
 ) -> Result<Pid> {
-    if spec.userns {
-        return Err(Error::Invalid(
-            "user namespaces are not implemented yet".into(),
-        ));
+    let idmap = match (spec.userns, spec.idmap) {
+        (false, _) => None,
+        (true, Some(r)) => Some(r),
+        (true, None) => return Err(Error::Invalid("userns without an id range".into())),
+    };
+    if let Some(r) = idmap {
+        // The console belongs to the guest's root and tty group (gid 5), not to host root
+        // (which the guest would see as nobody and could not chmod).
+        sys(
+            || "chown console pty".into(),
+            nix::unistd::fchown(
+                slave.as_raw_fd(),
+                Some(nix::unistd::Uid::from_raw(r.base)),
+                r.host(5).map(nix::unistd::Gid::from_raw),
+            ),
+        )?;
     }
     let (pid_r, pid_w) =
         nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| Error::sys("pipe", e))?;
     let (err_r, err_w) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| Error::sys("pipe", e))?;
+    // userns handshake: the child says "unshared", we write its id maps (only a process in
+    // the parent namespace may map a range), then say "mapped".
+    let (ns_r, ns_w) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| Error::sys("pipe", e))?;
+    let (go_r, go_w) =
         nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| Error::sys("pipe", e))?;
     // SAFETY: the monitor is single-threaded, so the child may allocate.
     match unsafe { fork() }.map_err(|e| Error::sys("fork", e))? {
         ForkResult::Child => {
             drop(pid_r);
             drop(err_r);
+            drop(ns_r);
+            drop(go_w);
             let mut errf = File::from(err_w);
-            let r = intermediate(spec, netns, slave_path, slave, pid_w, &mut errf);
+            let sync = Sync {
+                userns: idmap.is_some(),
+                unshared: File::from(ns_w),
+                mapped: File::from(go_r),
+            };
+            let r = intermediate(spec, netns, sync, slave_path, slave, pid_w, &mut errf);
             if let Err(e) = r {
                 let _ = errf.write_all(e.to_string().as_bytes());
                 // SAFETY: leave without running the parent's atexit handlers.
@@ -277,9 +302,28 @@ fn start_init(
         ForkResult::Parent { child } => {
             drop(pid_w);
             drop(err_w);
+            drop(ns_w);
+            drop(go_r);
+            let mut map_err = None;
+            if let (Some(r), None) = (idmap, netns) {
+                let mut b = [0u8; 1];
+                let mut f = File::from(ns_r);
+                if matches!(f.read(&mut b), Ok(1)) {
+                    map_err = crate::userns::write_maps(child.as_raw(), &r).err();
+                    if map_err.is_none() {
+                        let _ = File::from(go_w).write_all(b"1");
+                    }
+                }
+            } else {
+                drop(ns_r);
+                drop(go_w);
+            }
             let mut s = String::new();
             let _ = File::from(pid_r).read_to_string(&mut s);
             let _ = waitpid(child, None);
+            if let Some(e) = map_err {
+                return Err(e);
+            }
             // EOF on the error pipe once init exec'd (close-on-exec) or died.
             let mut err = String::new();
             let _ = File::from(err_r).read_to_string(&mut err);
@@ -295,28 +339,80 @@ fn start_init(
     }
 }
 
+/// The intermediate's ends of the user-namespace handshake.
+struct Sync {
+    userns: bool,
+    unshared: File,
+    mapped: File,
+}
+
 fn intermediate(
     spec: &RuntimeSpec,
     netns: Option<&Path>,
+    mut sync: Sync,
     slave_path: &Path,
     slave: &OwnedFd,
     pid_w: OwnedFd,
     errf: &mut File,
 ) -> Result<()> {
+    let userns = sync.userns;
     let me = std::process::id().to_string();
     for d in &spec.cgroups {
         let p = d.join("cgroup.procs");
         std::fs::write(&p, &me).map_err(io(p))?;
     }
+    // From here on the rootfs is reached relative to its parent dir: the guest's root may
+    // not search the state dir's ancestors (a 0700 state_dir is fine for host root).
+    let parent = spec
+        .rootfs
+        .parent()
+        .ok_or_else(|| Error::Invalid("rootfs has no parent".into()))?;
+    sys(
+        || format!("chdir {}", parent.display()),
+        nix::unistd::chdir(parent),
+    )?;
     let mut flags = CloneFlags::CLONE_NEWNS
         | CloneFlags::CLONE_NEWUTS
         | CloneFlags::CLONE_NEWIPC
         | CloneFlags::CLONE_NEWCGROUP
         | CloneFlags::CLONE_NEWPID;
-    match netns {
-        Some(p) => crate::network::enter_netns(p)?,
-        None => flags |= CloneFlags::CLONE_NEWNET,
+    match (userns, netns) {
+        (true, Some(p)) => {
+            // fatboxd made the netns (VIFs already plugged) owned by a user namespace with
+            // this instance's mapping (userns::create_netns_owned): join that one, then the
+            // netns, over which it gives the guest's root its capabilities.
+            crate::userns::enter_netns_owner(p)?;
+            crate::network::enter_netns(p)?;
+        }
+        (false, Some(p)) => crate::network::enter_netns(p)?,
+        (_, None) => flags |= CloneFlags::CLONE_NEWNET,
     }
+    if userns && netns.is_none() {
+        // First, alone: the namespaces unshared below are then owned by it, so the guest's
+        // root has capabilities over them and over nothing on the host.
+        unshare(CloneFlags::CLONE_NEWUSER).map_err(|e| Error::sys("unshare(user)", e))?;
+        sync.unshared.write_all(b"1").map_err(io("userns pipe"))?;
+        let mut b = [0u8; 1];
+        if !matches!(sync.mapped.read(&mut b), Ok(1)) {
+            return Err(Error::Other(
+                "the monitor did not map the user namespace".into(),
+            ));
+        }
+    }
+    if userns {
+        let root_g = nix::unistd::Gid::from_raw(0);
+        let root_u = nix::unistd::Uid::from_raw(0);
+        sys(|| "setgroups".into(), nix::unistd::setgroups(&[]))?;
+        sys(
+            || "setresgid".into(),
+            nix::unistd::setresgid(root_g, root_g, root_g),
+        )?;
+        sys(
+            || "setresuid".into(),
+            nix::unistd::setresuid(root_u, root_u, root_u),
+        )?;
+    }
+    drop(sync);
     unshare(flags).map_err(|e| Error::sys("unshare", e))?;
     // SAFETY: single-threaded process (forked from the single-threaded monitor).
     match unsafe { fork() }.map_err(|e| Error::sys("fork", e))? {
@@ -352,6 +448,11 @@ fn sys<T>(what: impl FnOnce() -> String, r: nix::Result<T>) -> Result<T> {
 }
 
 fn setup_and_exec(spec: &RuntimeSpec, slave_path: &Path, slave: &OwnedFd) -> Result<Never> {
+    let filter = if spec.seccomp {
+        Some(crate::seccomp::build(spec.allow_perf_event)?)
+    } else {
+        None
+    };
     let mut unblock = SigSet::empty();
     unblock.add(Signal::SIGCHLD);
     let _ = unblock.thread_unblock();
@@ -366,7 +467,13 @@ fn setup_and_exec(spec: &RuntimeSpec, slave_path: &Path, slave: &OwnedFd) -> Res
         nix::unistd::sethostname(&spec.hostname),
     )?;
 
-    let r = &spec.rootfs;
+    // Relative to the cwd the intermediate set (the rootfs' parent); a relative lookup also
+    // lands on the mounts stacked on the rootfs, unlike an fd would.
+    let r = &PathBuf::from(
+        spec.rootfs
+            .file_name()
+            .ok_or_else(|| Error::Invalid("rootfs has no name".into()))?,
+    );
     sys(
         || "make / private".into(),
         mount(
@@ -374,6 +481,19 @@ fn setup_and_exec(spec: &RuntimeSpec, slave_path: &Path, slave: &OwnedFd) -> Res
             "/",
             None::<&str>,
             MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+            None::<&str>,
+        ),
+    )?;
+    // A fresh bind of the rootfs onto itself: the overlay came from the host's mount
+    // namespace and is locked in a user namespace's copy, and pivot_root refuses a locked
+    // new root.
+    sys(
+        || "bind rootfs".into(),
+        mount(
+            Some(r.as_path()),
+            r.as_path(),
+            None::<&str>,
+            MsFlags::MS_BIND | MsFlags::MS_REC,
             None::<&str>,
         ),
     )?;
@@ -431,12 +551,28 @@ fn setup_and_exec(spec: &RuntimeSpec, slave_path: &Path, slave: &OwnedFd) -> Res
                 return Err(Error::Invalid(format!("{rel}: a symlink in the guest")));
             }
         }
+        // Reached from the cwd (the instance dir) like ro_binds below: under a user namespace
+        // the guest's root may not search the state dir's ancestors.
+        let src = spec
+            .rootfs
+            .parent()
+            .and_then(|p| src.strip_prefix(p).ok())
+            .filter(|rel_src| !rel_src.as_os_str().is_empty())
+            .unwrap_or(src);
         mkdir(&t)?;
         bind(src, &t, false)?;
     }
 
     for (src, rel) in &spec.ro_binds {
         let t = at(rel);
+        // Instance files are reached from the cwd (the instance dir), not through ancestors
+        // the guest's root may not search.
+        let src = spec
+            .rootfs
+            .parent()
+            .and_then(|p| src.strip_prefix(p).ok())
+            .filter(|rel_src| !rel_src.as_os_str().is_empty())
+            .unwrap_or(src);
         // A guest symlink here would aim the bind at a host path.
         if t.symlink_metadata().is_ok_and(|m| !m.is_dir()) {
             return Err(Error::Invalid(format!(
@@ -476,10 +612,7 @@ fn setup_and_exec(spec: &RuntimeSpec, slave_path: &Path, slave: &OwnedFd) -> Res
     )?;
     sys(|| "chdir /".into(), nix::unistd::chdir("/"))?;
 
-    for cap in &spec.drop_caps {
-        // SAFETY: prctl with integer arguments.
-        unsafe { libc::prctl(libc::PR_CAPBSET_DROP, libc::c_ulong::from(*cap), 0, 0, 0) };
-    }
+    crate::seccomp::drop_bounding(&spec.drop_caps).map_err(io("PR_CAPBSET_DROP"))?;
     // Signal dispositions were reset by fork for handlers; ignored ones survive exec.
     for s in Signal::iterator() {
         if s != Signal::SIGKILL && s != Signal::SIGSTOP {
@@ -503,6 +636,10 @@ fn setup_and_exec(spec: &RuntimeSpec, slave_path: &Path, slave: &OwnedFd) -> Res
     let prog = argv
         .first()
         .ok_or_else(|| Error::Invalid("empty init command".into()))?;
+    if let Some(p) = &filter {
+        // Last, so that nothing above runs under it; execve itself is allowed.
+        crate::seccomp::install(p).map_err(io("seccomp(SET_MODE_FILTER)"))?;
+    }
     let e = nix::unistd::execve(prog, &argv, &env).err();
     Err(Error::Other(format!(
         "exec {}: {}",

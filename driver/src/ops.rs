@@ -28,13 +28,7 @@ pub use rebuild::RebuildRequest;
 pub use rescue::RescueRequest;
 pub use resize::ResizeRequest;
 
-/// Capabilities dropped from the bounding set: loading modules, setting the host clock,
-/// kexec/reboot of the host (see capabilities(7) for the numbers).
-pub const DROP_CAPS: [u32; 3] = [
-    16, /* SYS_MODULE */
-    25, /* SYS_TIME */
-    22, /* SYS_BOOT */
-];
+pub use crate::seccomp::DROP_CAPS;
 const POLL: Duration = Duration::from_millis(5);
 
 #[derive(Debug, Clone, Deserialize)]
@@ -48,8 +42,15 @@ pub struct CreateRequest {
     pub ssh_keys: Vec<String>,
     #[serde(default)]
     pub nics: Vec<serde_json::Value>,
+    /// None: `[security] userns`. Turning it off needs `allow_privileged`.
     #[serde(default)]
-    pub userns: bool,
+    pub userns: Option<bool>,
+    /// None: `[security] seccomp`. Turning it off needs `allow_privileged`.
+    #[serde(default)]
+    pub seccomp: Option<bool>,
+    /// Trusted workload: no user namespace, no seccomp (needs `allow_privileged`).
+    #[serde(default)]
+    pub privileged: bool,
     /// Metadata drive files: relative path -> base64 content (configdrive.rs).
     #[serde(default)]
     pub config_drive: Option<std::collections::BTreeMap<String, String>>,
@@ -59,6 +60,7 @@ pub struct Manager {
     pub cfg: Config,
     instances: Mutex<HashMap<String, Instance>>,
     locks: Mutex<HashMap<String, Arc<Mutex<()>>>>,
+    ranges: crate::userns::Ranges,
     pub(crate) net: crate::vifs::NetState,
 }
 
@@ -71,7 +73,10 @@ impl Manager {
         for d in [cfg.instances_dir(), cfg.layers_dir(), cfg.images_dir()] {
             std::fs::create_dir_all(&d).map_err(io(&d))?;
         }
+        let sec = &cfg.security;
+        let ranges = crate::userns::Ranges::new(&cfg.state_dir, sec.id_base, sec.id_size);
         Ok(Arc::new(Manager {
+            ranges,
             cfg,
             instances: Mutex::new(HashMap::new()),
             locks: Mutex::new(HashMap::new()),
@@ -133,11 +138,19 @@ impl Manager {
     pub fn create(&self, req: CreateRequest) -> Result<Instance> {
         validate_name(&req.name)?;
         req.flavor.validate()?;
-        if req.userns {
+        let sec = &self.cfg.security;
+        let opts_out = req.privileged
+            || (req.userns == Some(false) && sec.userns)
+            || (req.seccomp == Some(false) && sec.seccomp);
+        if opts_out && !sec.allow_privileged {
             return Err(Error::Invalid(
-                "userns: not implemented yet (user-namespace issue)".into(),
+                "privileged mode (no user namespace or no seccomp) is disabled on this host: \
+                 [security] allow_privileged = true enables it"
+                    .into(),
             ));
         }
+        let userns = !req.privileged && req.userns.unwrap_or(sec.userns);
+        let seccomp = !req.privileged && req.seccomp.unwrap_or(sec.seccomp);
         let nics = crate::vifs::parse_nics(&req.nics)?;
         let uuid = match &req.uuid {
             Some(u) => uuid::Uuid::parse_str(u)
@@ -181,7 +194,10 @@ impl Manager {
             reason: None,
             ssh_keys: req.ssh_keys.clone(),
             nics,
-            userns: req.userns,
+            userns,
+            idmap: None,
+            seccomp,
+            privileged: req.privileged,
             config_drive: drive.is_some(),
             monitor: None,
             init: None,
@@ -195,6 +211,27 @@ impl Manager {
         }
         if g.values().any(|i| i.name == req.name) {
             return Err(Error::Conflict(format!("name {:?} is taken", req.name)));
+        }
+        let mut inst = inst;
+        if userns {
+            inst.idmap = Some(if sec.isolated_ranges {
+                self.ranges.allocate(&uuid)?
+            } else {
+                crate::userns::IdRange {
+                    base: sec.id_base,
+                    size: sec.id_size,
+                }
+            });
+        }
+        if !userns || !seccomp {
+            tracing::warn!(
+                uuid,
+                name = req.name,
+                userns,
+                seccomp,
+                "PRIVILEGED instance: guest root is host root (no user namespace) or the \
+                 seccomp profile is off; only for trusted workloads"
+            );
         }
         let dir = self.dir(&uuid);
         std::fs::create_dir(&dir).map_err(|e| match e.kind() {
@@ -276,7 +313,33 @@ impl Manager {
             disk::create_disk(&paths.image, inst.flavor.root_gb)?;
         }
         let t_disk = t0.elapsed();
-        disk::mount_rootfs(&paths, &lowers)?;
+        let idmap = if inst.userns {
+            Some(
+                inst.idmap
+                    .ok_or_else(|| Error::Other("instance has userns but no id range".into()))?,
+            )
+        } else {
+            None
+        };
+        if idmap.is_some() {
+            // The guest's root resolves `rootfs` from this dir (monitor.rs): it needs search
+            // permission here, nothing more (files keep their own modes).
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&dir)
+                .map_err(io(&dir))?
+                .permissions()
+                .mode();
+            if mode & 0o001 == 0 {
+                std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(mode | 0o001))
+                    .map_err(io(&dir))?;
+            }
+        }
+        match idmap {
+            Some(r) if !disk::is_mountpoint(&paths.rootfs) => {
+                crate::userns::mount_rootfs_shifted(&self.cfg, &dir, &paths, &lowers, &r)?
+            }
+            _ => disk::mount_rootfs(&paths, &lowers, None)?,
+        }
         write_identity(&paths.rootfs, &inst)?;
         // A rescue boot runs the rescue image with this rootfs bound at /mnt/rescue.
         let (rootfs, binds) = self.rescue_rootfs(&inst, &paths)?;
@@ -284,6 +347,9 @@ impl Manager {
         self.plug_vifs(&inst, &rootfs)?;
         let cg = self.cgroups(uuid);
         cg.create(&inst.flavor)?;
+        if let Some(r) = &idmap {
+            crate::userns::delegate_cgroup(&cg.unified, r)?;
+        }
         let mut spec = RuntimeSpec {
             uuid: uuid.to_string(),
             hostname: inst.name.clone(),
@@ -302,6 +368,9 @@ impl Manager {
             procfs_binds: crate::procfs::binds(&self.cfg.procfs),
             userns: inst.userns,
             binds,
+            idmap,
+            seccomp: inst.seccomp,
+            allow_perf_event: self.cfg.security.allow_perf_event,
             ro_binds: Vec::new(),
         };
         if inst.config_drive {
@@ -419,6 +488,9 @@ impl Manager {
         std::fs::remove_dir_all(&dir).map_err(io(&dir))?;
         if let Err(e) = crate::glance::unpin(&self.cfg, &inst.uuid) {
             tracing::warn!(uuid = %inst.uuid, error = %e, "unpinning its Glance layers");
+        }
+        if self.cfg.security.isolated_ranges {
+            self.ranges.free(&inst.uuid)?;
         }
         lock(&self.instances).remove(&inst.uuid);
         lock(&self.locks).remove(&inst.uuid);
@@ -716,7 +788,12 @@ fn wait_init_record(
 
 /// The command line of `nsenter` into every namespace of `pid`, with its root and cwd.
 pub fn nsenter_args(pid: i32) -> Vec<String> {
-    vec![
+    let mut v: Vec<String> = Vec::new();
+    if crate::userns::other_userns(pid) {
+        // As the guest's root (uid 0 inside), or systemd refuses its private bus.
+        v.push("-U".into());
+    }
+    v.extend([
         "-t".into(),
         pid.to_string(),
         "-m".into(),
@@ -728,7 +805,8 @@ pub fn nsenter_args(pid: i32) -> Vec<String> {
         "-r".into(),
         "-w".into(),
         "--".into(),
-    ]
+    ]);
+    v
 }
 
 /// Polls until systemd inside says `running` or `degraded`.
@@ -823,6 +901,15 @@ fn write_identity(rootfs: &Path, inst: &Instance) -> Result<()> {
         }
     }
     std::fs::write(&hn, format!("{}\n", inst.name)).map_err(io(&hn))?;
+    // What we write as host root must belong to the guest's root, not to the overflow id.
+    let owner = inst.idmap.filter(|_| inst.userns).map(|r| r.base);
+    let give = |p: &Path| -> Result<()> {
+        match owner {
+            Some(id) => std::os::unix::fs::lchown(p, Some(id), Some(id)).map_err(io(p)),
+            None => Ok(()),
+        }
+    };
+    give(&hn)?;
     if !inst.ssh_keys.is_empty() {
         let root = rootfs.join("root");
         let ssh = root.join(".ssh");
@@ -838,6 +925,7 @@ fn write_identity(rootfs: &Path, inst: &Instance) -> Result<()> {
             }
         }
         std::fs::create_dir_all(&ssh).map_err(io(&ssh))?;
+        give(&ssh)?;
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&ssh, std::fs::Permissions::from_mode(0o700)).map_err(io(&ssh))?;
         let ak = ssh.join("authorized_keys");
@@ -851,6 +939,7 @@ fn write_identity(rootfs: &Path, inst: &Instance) -> Result<()> {
         let mut body = inst.ssh_keys.join("\n");
         body.push('\n');
         std::fs::write(&ak, body).map_err(io(&ak))?;
+        give(&ak)?;
         std::fs::set_permissions(&ak, std::fs::Permissions::from_mode(0o600)).map_err(io(&ak))?;
     }
     Ok(())

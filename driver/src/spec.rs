@@ -20,12 +20,19 @@ pub struct RuntimeSpec {
     pub drop_caps: Vec<u32>,
     /// Files of the fatbox-procfs mount bound over the same paths under /proc.
     pub procfs_binds: Vec<(PathBuf, String)>,
-    /// Seam for the user-namespace issue; must be false for now.
+    /// Run init in a user namespace mapped to `idmap`.
     pub userns: bool,
     /// Host directories bound read-write at these paths inside (the instance's own root
     /// filesystem at /mnt/rescue in a rescue boot).
     #[serde(default)]
     pub binds: Vec<(PathBuf, String)>,
+    #[serde(default)]
+    pub idmap: Option<crate::userns::IdRange>,
+    /// Install the default seccomp profile before exec'ing init.
+    #[serde(default)]
+    pub seccomp: bool,
+    #[serde(default)]
+    pub allow_perf_event: bool,
     /// Host directories bound read-only at guest paths (relative to the guest root).
     #[serde(default)]
     pub ro_binds: Vec<(PathBuf, String)>,

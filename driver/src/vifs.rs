@@ -108,7 +108,11 @@ impl Manager {
     /// config in the rootfs, every VIF plugged (idempotently).
     pub(crate) fn plug_vifs(&self, inst: &Instance, rootfs: &Path) -> Result<()> {
         let ns = self.netns_path(&inst.uuid);
-        network::create_netns(&ns)?;
+        match inst.idmap.filter(|_| inst.userns) {
+            // Owned by the guest's user namespace, or its root could not configure its NICs.
+            Some(r) => crate::userns::create_netns_owned(&ns, &r)?,
+            None => network::create_netns(&ns)?,
+        }
         if inst.nics.is_empty() {
             return Ok(());
         }

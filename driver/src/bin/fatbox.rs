@@ -51,6 +51,10 @@ enum Cmd {
         /// Return at once (state building) instead of waiting for the boot.
         #[arg(long)]
         no_wait: bool,
+        /// Trusted workload: no user namespace and no seccomp profile (the host must allow
+        /// it with `[security] allow_privileged = true`).
+        #[arg(long)]
+        privileged: bool,
     },
     List {
         #[arg(long)]
@@ -367,6 +371,7 @@ async fn run(args: Args) -> anyhow::Result<i32> {
             uuid,
             nic,
             no_wait,
+            privileged,
         } => {
             let mut keys = Vec::new();
             if let Some(k) = ssh_key {
@@ -380,6 +385,7 @@ async fn run(args: Args) -> anyhow::Result<i32> {
             let nics: Vec<Value> = nic.iter().map(|n| json!({"spec": n})).collect();
             let body = json!({
                 "name": name, "image": image, "uuid": uuid, "ssh_keys": keys, "nics": nics,
+                "privileged": privileged,
                 "flavor": {"vcpus": vcpus, "memory_mb": memory, "root_gb": disk, "swap_mb": swap.unwrap_or(0)},
             });
             let v = call(&c, "POST", "/v1/instances", Some(body)).await?;
@@ -643,7 +649,7 @@ async fn action(c: &Client, id: &str, body: Value) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Joins the instance's cgroups and namespaces (through nsenter), with our stdio or a pty,
+/// Joins the instance's cgroups and namespaces (driver::enter), with our stdio or a pty,
 /// so the command runs inside with the instance's limits; returns its exit code.
 async fn exec(c: &Client, id: &str, cmd: &[String], tty: bool) -> anyhow::Result<i32> {
     let v = call(c, "GET", &format!("/v1/instances/{}", path_id(id)?), None).await?;
@@ -664,12 +670,24 @@ async fn exec(c: &Client, id: &str, cmd: &[String], tty: bool) -> anyhow::Result
         .filter_map(|d| d.as_str().map(PathBuf::from))
         .collect();
     let term = std::env::var("TERM").unwrap_or_else(|_| "vt220".into());
+    // The command gets what init got: its namespaces, root, the reduced bounding set and,
+    // unless the instance is privileged, the seccomp profile (see driver::enter).
+    let seccomp = v
+        .pointer("/security/seccomp")
+        .and_then(Value::as_bool)
+        .unwrap_or(true);
+    let allow_perf_event = v
+        .pointer("/security/allow_perf_event")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
     let code = driver::ops::exec::exec(&driver::ops::exec::ExecRequest {
         init_pid: pid,
         cgroups: &cgroups,
         cmd,
         tty,
         term,
+        seccomp,
+        allow_perf_event,
     })?;
     Ok(code)
 }

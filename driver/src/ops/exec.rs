@@ -19,6 +19,9 @@ pub struct ExecRequest<'a> {
     pub tty: bool,
     /// TERM for the command (the caller's, when it has one).
     pub term: String,
+    /// Install the default seccomp profile (as init has it, unless privileged).
+    pub seccomp: bool,
+    pub allow_perf_event: bool,
 }
 
 /// Runs the command and returns its exit code (128 + signal when killed).
@@ -33,9 +36,25 @@ pub fn exec(req: &ExecRequest<'_>) -> Result<i32> {
         let p = d.join("cgroup.procs");
         std::fs::write(&p, &me).map_err(io(p))?;
     }
-    let mut cmd = Command::new("nsenter");
-    cmd.args(super::nsenter_args(req.init_pid))
-        .args(req.cmd)
+    let filter = if req.seccomp {
+        Some(crate::seccomp::build(req.allow_perf_event)?)
+    } else {
+        None
+    };
+    // Not nsenter: joining a user namespace resets the bounding set, and init's confinement
+    // must be re-applied between setns and exec (crate::enter).
+    let target = crate::enter::Target::open(req.init_pid, filter)?;
+    let (prog, args) = req
+        .cmd
+        .split_first()
+        .ok_or_else(|| Error::Invalid("exec: empty command".into()))?;
+    let mut cmd = Command::new(prog);
+    // SAFETY: Target::enter makes only raw syscalls between fork and exec. It is registered
+    // first, so the pty set-up below runs in the process that execs the command.
+    unsafe {
+        cmd.pre_exec(move || target.enter());
+    }
+    cmd.args(args)
         .env_clear()
         .env(
             "PATH",
@@ -47,7 +66,7 @@ pub fn exec(req: &ExecRequest<'_>) -> Result<i32> {
     let status = if req.tty {
         with_pty(req.init_pid, cmd)?
     } else {
-        cmd.status().map_err(io("nsenter"))?
+        cmd.status().map_err(io(prog))?
     };
     Ok(status
         .code()

@@ -75,7 +75,12 @@ impl Manager {
         if !p.image.exists() {
             disk::create_disk(&p.image, RESCUE_DISK_GB)?;
         }
-        disk::mount_rootfs(&p, &lowers)?;
+        match inst.idmap.filter(|_| inst.userns) {
+            Some(r) if !disk::is_mountpoint(&p.rootfs) => {
+                crate::userns::mount_rootfs_shifted(&self.cfg, &dir, &p, &lowers, &r)?
+            }
+            _ => disk::mount_rootfs(&p, &lowers, None)?,
+        }
         write_identity(&p.rootfs, inst)?;
         Ok((
             p.rootfs.clone(),

@@ -64,6 +64,15 @@ impl Daemon {
 
     /// `procfs` and `network`: TOML lines for those sections.
     pub fn start_full(procfs: &str, network: &str) -> Daemon {
+        Self::start_cfg(procfs, network, "")
+    }
+
+    /// A daemon whose config gets `extra` (whole TOML sections, e.g. `[security]`) appended.
+    pub fn start_with(extra: &str) -> Daemon {
+        Self::start_cfg("", "", extra)
+    }
+
+    fn start_cfg(procfs: &str, network: &str, extra: &str) -> Daemon {
         // /var/tmp: a disk-backed filesystem (overlay lower dirs, disk images).
         let dir = tempfile::Builder::new()
             .prefix("fatbox-test-")
@@ -74,7 +83,7 @@ impl Daemon {
         std::fs::write(
             &config,
             format!(
-                "state_dir = \"{}\"\nsocket = \"{}\"\ncgroup_parent = \"fatbox-test-{}\"\nstop_timeout = 20\n[procfs]\n{procfs}[network]\n{network}\n[glance]\n",
+                "state_dir = \"{}\"\nsocket = \"{}\"\ncgroup_parent = \"fatbox-test-{}\"\nstop_timeout = 20\n[procfs]\n{procfs}[network]\n{network}\n[glance]\n{extra}",
                 dir.path().join("state").display(),
                 socket.display(),
                 std::process::id(),

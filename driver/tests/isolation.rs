@@ -1,0 +1,447 @@
+//! Isolation of a default (unprivileged) guest, asserted from the host and from inside:
+//! user namespace ids on the host, file ownership in the upper dir, systemd and sshd still
+//! fine, and a breakout suite run inside as root where every attempt must be denied.
+//! Needs root (CI runs as root) and a C compiler for the static probe binary.
+
+mod common;
+use common::Daemon;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+fn import(d: &Daemon) {
+    let qcow = common::fixtures().join("v3.qcow2");
+    d.ok(&[
+        "image",
+        "import",
+        qcow.to_str().expect("path"),
+        "--name",
+        "deb",
+    ]);
+}
+
+fn run(d: &Daemon, name: &str, extra: &[&str]) -> serde_json::Value {
+    let mut args = vec![
+        "run", "--image", "deb", "--name", name, "--vcpus", "1", "--memory", "384", "--disk", "1",
+    ];
+    args.extend_from_slice(extra);
+    d.ok(&args);
+    d.show(name)
+}
+
+/// Host pids of every process in the instance's unified cgroup tree.
+fn guest_pids(unified: &Path) -> Vec<i32> {
+    let mut out = Vec::new();
+    let mut stack = vec![unified.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        if let Ok(s) = std::fs::read_to_string(dir.join("cgroup.procs")) {
+            out.extend(s.lines().filter_map(|l| l.trim().parse::<i32>().ok()));
+        }
+        for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                stack.push(e.path());
+            }
+        }
+    }
+    out
+}
+
+/// The four ids of a /proc/PID/status "Uid:"/"Gid:" line.
+fn status_ids(pid: i32, key: &str) -> Option<Vec<u32>> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = s.lines().find(|l| l.starts_with(key))?;
+    Some(
+        line.split_whitespace()
+            .skip(1)
+            .filter_map(|x| x.parse().ok())
+            .collect(),
+    )
+}
+
+fn unified_cgroup(v: &serde_json::Value) -> PathBuf {
+    // The unified hierarchy is listed last (the only one on a pure cgroup2 host).
+    v["cgroups"]
+        .as_array()
+        .expect("cgroups")
+        .iter()
+        .filter_map(|c| c.as_str())
+        .map(PathBuf::from)
+        .next_back()
+        .expect("unified cgroup")
+}
+
+fn exec_with_stdin(d: &Daemon, name: &str, cmd: &str, stdin: &Path) -> std::process::Output {
+    let f = std::fs::File::open(stdin).expect("stdin file");
+    Command::new(env!("CARGO_BIN_EXE_fatbox"))
+        .arg("--socket")
+        .arg(&d.socket)
+        .args(["exec", name, "--", "sh", "-c", cmd])
+        .stdin(Stdio::from(f))
+        .output()
+        .expect("fatbox exec")
+}
+
+/// Sends UDP datagrams with a 0x7a payload over the host's loopback until dropped, so the
+/// sniffing attempt inside has host traffic it must not see.
+struct HostTraffic {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<u64>>,
+}
+
+impl HostTraffic {
+    fn start() -> HostTraffic {
+        let stop = Arc::new(AtomicBool::new(false));
+        let s2 = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let sock = std::net::UdpSocket::bind("127.0.0.1:0").expect("udp");
+            let mut sent = 0u64;
+            while !s2.load(Ordering::Relaxed) {
+                if sock.send_to(&[0x7a; 64], "127.0.0.1:9").is_ok() {
+                    sent += 1;
+                }
+                // Pacing of the traffic generator, not synchronisation.
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            sent
+        });
+        HostTraffic {
+            stop,
+            thread: Some(thread),
+        }
+    }
+    fn finish(mut self) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread
+            .take()
+            .map(|t| t.join().unwrap_or(0))
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for HostTraffic {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+#[test]
+fn unprivileged_guest_and_breakout_suite() {
+    if !is_root() {
+        eprintln!("NOTICE: skipped: needs root");
+        return;
+    }
+    let d = Daemon::start();
+    import(&d);
+
+    // Privileged mode is refused unless the host allows it.
+    let o = d.fatbox(&[
+        "run",
+        "--image",
+        "deb",
+        "--name",
+        "priv",
+        "--vcpus",
+        "1",
+        "--memory",
+        "256",
+        "--disk",
+        "1",
+        "--privileged",
+    ]);
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("allow_privileged"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+
+    let keydir = tempfile::tempdir().expect("tmp");
+    let key = keydir.path().join("id");
+    let st = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+        .arg(&key)
+        .status()
+        .expect("ssh-keygen");
+    assert!(st.success());
+    let pubkey = key.with_extension("pub");
+    let v = run(&d, "iso", &["--ssh-key", pubkey.to_str().expect("path")]);
+    assert_eq!(v["security"]["userns"], true, "{v}");
+    assert_eq!(v["security"]["seccomp"], true, "{v}");
+    let base = u32::try_from(v["security"]["idmap"]["base"].as_u64().expect("base")).expect("u32");
+    let size = u32::try_from(v["security"]["idmap"]["size"].as_u64().expect("size")).expect("u32");
+    assert_eq!(size, 65536);
+    assert!(
+        base >= 65536,
+        "guest root must not be a low host uid: {base}"
+    );
+    let uuid = v["uuid"].as_str().expect("uuid").to_string();
+
+    // systemd: running, nothing failed.
+    assert_eq!(
+        d.exec("iso", "systemctl is-system-running").trim(),
+        "running"
+    );
+    assert_eq!(
+        d.exec("iso", "systemctl --failed --no-legend | wc -l")
+            .trim(),
+        "0"
+    );
+
+    // From the host: every guest process runs with host ids inside the range.
+    let pids = guest_pids(&unified_cgroup(&v));
+    assert!(pids.len() >= 5, "guest processes: {pids:?}");
+    for pid in &pids {
+        for key in ["Uid:", "Gid:"] {
+            let Some(ids) = status_ids(*pid, key) else {
+                continue; // exited meanwhile
+            };
+            for id in ids {
+                assert!(
+                    (base..base + size).contains(&id),
+                    "pid {pid} {key} {id} outside {base}+{size}"
+                );
+            }
+        }
+    }
+    // Inside, they are root and friends.
+    assert_eq!(d.exec("iso", "id -u").trim(), "0");
+    assert_eq!(
+        d.exec("iso", "cat /proc/self/uid_map")
+            .split_whitespace()
+            .collect::<Vec<_>>(),
+        vec!["0".to_string(), base.to_string(), size.to_string()]
+    );
+
+    // Files made inside are owned by mapped ids on the host (the upper dir on the disk).
+    d.exec(
+        "iso",
+        "touch /root/by-root && install -o 1000 -g 1000 /dev/null /root/by-1000",
+    );
+    let upper = d
+        .state_dir()
+        .join("instances")
+        .join(&uuid)
+        .join("disk/upper/root");
+    let m = std::fs::metadata(upper.join("by-root")).expect("by-root in upper");
+    assert_eq!((m.uid(), m.gid()), (base, base));
+    let m = std::fs::metadata(upper.join("by-1000")).expect("by-1000 in upper");
+    assert_eq!((m.uid(), m.gid()), (base + 1000, base + 1000));
+    // The shared layers stay owned by host root.
+    let layers = d.state_dir().join("layers");
+    let some_layer = std::fs::read_dir(&layers)
+        .expect("layers")
+        .flatten()
+        .find(|e| e.path().join("etc").is_dir())
+        .expect("a layer with /etc")
+        .path();
+    assert_eq!(
+        std::fs::metadata(some_layer.join("etc"))
+            .expect("etc")
+            .uid(),
+        0
+    );
+
+    // sshd works: key login as root over the guest's loopback (StrictModes checks that
+    // authorized_keys belongs to the guest's root).
+    let o = exec_with_stdin(
+        &d,
+        "iso",
+        "umask 077; cat > /root/id && ssh -i /root/id -o StrictHostKeyChecking=no \
+         -o UserKnownHostsFile=/dev/null -o BatchMode=yes root@127.0.0.1 'id -u; hostname'",
+        &key,
+    );
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success() && out.lines().collect::<Vec<_>>() == ["0", "iso"],
+        "ssh: {out} {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+
+    // The breakout suite.
+    let probe_dir = tempfile::tempdir().expect("tmp");
+    let probe = probe_dir.path().join("probe");
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/isolation/probe.c");
+    let st = Command::new("cc")
+        .args(["-static", "-O2", "-o"])
+        .arg(&probe)
+        .arg(&src)
+        .status()
+        .expect("cc (the probe is a static C binary)");
+    assert!(st.success(), "building the probe");
+    let o = exec_with_stdin(
+        &d,
+        "iso",
+        "cat > /tmp/probe && chmod 755 /tmp/probe",
+        &probe,
+    );
+    assert!(o.status.success());
+    let disk_mnt = d.state_dir().join("instances").join(&uuid).join("disk");
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+    let majmin = mountinfo
+        .lines()
+        .find(|l| l.split(' ').nth(4) == Some(disk_mnt.to_str().expect("path")))
+        .and_then(|l| l.split(' ').nth(2))
+        .expect("the disk's loop device")
+        .to_string();
+    let (maj, min) = majmin.split_once(':').expect("maj:min");
+    let core_before = std::fs::read_to_string("/proc/sys/kernel/core_pattern").expect("core");
+    let script = include_str!("isolation/breakout.sh");
+    let sockets = format!(
+        "{} /run/openvswitch/db.sock /var/run/openvswitch/db.sock /run/fatbox/fatboxd.sock",
+        d.socket.display()
+    );
+    let fatboxd_pid = d.pid().unwrap_or(0).to_string();
+    let traffic = HostTraffic::start();
+    let out = d.ok(&[
+        "exec",
+        "iso",
+        "--",
+        "env",
+        "P=/tmp/probe",
+        &format!("MAJ={maj}"),
+        &format!("MIN={min}"),
+        &format!("HOST_PID={fatboxd_pid}"),
+        &format!("SOCKETS={sockets}"),
+        "SNIFF=1.5",
+        "sh",
+        "-c",
+        script,
+    ]);
+    let sent = traffic.finish();
+    assert!(sent > 10, "host traffic generator sent {sent} packets");
+
+    let results: Vec<(String, bool, String)> = out
+        .lines()
+        .filter_map(|l| l.strip_prefix("RESULT|"))
+        .filter_map(|l| {
+            let mut f = l.splitn(3, '|');
+            Some((
+                f.next()?.to_string(),
+                f.next()? == "1",
+                f.next().unwrap_or("").to_string(),
+            ))
+        })
+        .collect();
+    eprintln!("breakout suite (guest root, userns + seccomp):");
+    eprintln!("| attempt | result | detail |\n|---|---|---|");
+    for (name, denied, detail) in &results {
+        eprintln!(
+            "| {name} | {} | {detail} |",
+            if *denied { "denied" } else { "ALLOWED" }
+        );
+    }
+    assert_eq!(results.len(), 13, "all attempts reported:\n{out}");
+    let allowed: Vec<_> = results.iter().filter(|r| !r.1).collect();
+    assert!(allowed.is_empty(), "breakouts not denied: {allowed:#?}");
+    // And the host is as it was.
+    assert_eq!(
+        std::fs::read_to_string("/proc/sys/kernel/core_pattern").expect("core"),
+        core_before
+    );
+    let year = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|t| t.as_secs() / 31_557_600 + 1970)
+        .expect("clock");
+    assert!(year >= 2024, "host clock moved to {year}");
+
+    // The guest's bounding set and seccomp mode, as exec sees them (same as init).
+    let status = d.exec("iso", "grep -E '^(CapBnd|Seccomp):' /proc/self/status");
+    assert!(status.contains("Seccomp:\t2"), "{status}");
+    let bnd = u64::from_str_radix(
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("CapBnd:\t"))
+            .expect("CapBnd")
+            .trim(),
+        16,
+    )
+    .expect("hex");
+    for cap in driver::seccomp::DROP_CAPS {
+        assert_eq!(
+            bnd & (1u64 << cap),
+            0,
+            "cap {cap} still in the bounding set"
+        );
+    }
+    assert_ne!(
+        bnd & (1u64 << 21),
+        0,
+        "CAP_SYS_ADMIN (namespaced) stays for systemd"
+    );
+
+    d.ok(&["delete", "iso"]);
+}
+
+/// Isolated ranges (one per instance, persisted, freed on delete), the shifted-copy
+/// fallback for the layers, and the opt-in privileged mode.
+#[test]
+fn isolated_ranges_copy_shift_and_privileged() {
+    if !is_root() {
+        eprintln!("NOTICE: skipped: needs root");
+        return;
+    }
+    let d = Daemon::start_with(
+        "[security]\nisolated_ranges = true\nshift = \"copy\"\nallow_privileged = true\n\
+         id_base = 2000000\n",
+    );
+    import(&d);
+    let a = run(&d, "ra", &[]);
+    let b = run(&d, "rb", &[]);
+    let base = |v: &serde_json::Value| v["security"]["idmap"]["base"].as_u64().expect("base");
+    assert_eq!(base(&a), 2_000_000);
+    assert_eq!(base(&b), 2_000_000 + 65536);
+    for (n, v) in [("ra", &a), ("rb", &b)] {
+        assert_eq!(d.exec(n, "systemctl is-system-running").trim(), "running");
+        let pid = i32::try_from(v["init_pid"].as_i64().expect("pid")).expect("pid");
+        assert_eq!(status_ids(pid, "Uid:").expect("uid")[0] as u64, base(v));
+    }
+    // Each range has its own chowned copy of the layers, owned by that range's root.
+    let shifted = d.state_dir().join("layers-shifted");
+    for v in [&a, &b] {
+        let dir = shifted.join(format!("{}-65536", base(v)));
+        let layer = std::fs::read_dir(&dir)
+            .expect("shifted layers")
+            .flatten()
+            .find(|e| e.path().join("etc").is_dir())
+            .expect("a layer with /etc")
+            .path();
+        assert_eq!(
+            std::fs::metadata(layer.join("etc")).expect("etc").uid() as u64,
+            base(v)
+        );
+    }
+    let ranges = d.state_dir().join("idranges.json");
+    let ua = a["uuid"].as_str().expect("uuid").to_string();
+    assert!(std::fs::read_to_string(&ranges)
+        .expect("idranges")
+        .contains(&ua));
+    d.ok(&["delete", "ra"]);
+    assert!(!std::fs::read_to_string(&ranges)
+        .expect("idranges")
+        .contains(&ua));
+    // The freed slot is reused.
+    let c = run(&d, "rc", &[]);
+    assert_eq!(base(&c), 2_000_000);
+
+    // Privileged: host root inside, no seccomp, logged at warn.
+    let p = run(&d, "rp", &["--privileged"]);
+    assert_eq!(p["security"]["userns"], false);
+    assert_eq!(p["security"]["seccomp"], false);
+    let pid = i32::try_from(p["init_pid"].as_i64().expect("pid")).expect("pid");
+    assert_eq!(status_ids(pid, "Uid:").expect("uid")[0], 0);
+    assert_eq!(
+        d.exec("rp", "systemctl is-system-running").trim(),
+        "running"
+    );
+    let log = std::fs::read_to_string(d.dir.path().join("fatboxd.log")).unwrap_or_default();
+    assert!(log.contains("PRIVILEGED instance"), "warn line missing");
+    for n in ["rb", "rc", "rp"] {
+        d.ok(&["delete", n]);
+    }
+}
