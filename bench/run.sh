@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs every benchmark and writes bench/REPORT.md + bench/charts/*.png from their results.
-#   bench/run.sh [--quick] [AREA ...]     (root; areas: convert procfs boot density network)
+#   bench/run.sh [--quick] [AREA ...]     (root; areas: convert procfs boot density network isolation)
 # --quick: fewer repetitions and smaller sizes (about 10 min on 2 cores); the full run takes
 # about 30 min. Each area writes bench/out/<area>.json (bench/emit.py); an area that fails is
 # named at the end and the report is still written from the others.
@@ -11,11 +11,11 @@ for a in "$@"; do
   case "$a" in
     --quick) QUICK=1 ;;
     -h|--help) sed -n 2,6p "$0"; exit 0 ;;
-    convert|procfs|boot|density|network) AREAS+=("$a") ;;
-    *) echo "bench/run.sh: unknown argument '$a' (areas: convert procfs boot density network)" >&2; exit 2 ;;
+    convert|procfs|boot|density|network|isolation) AREAS+=("$a") ;;
+    *) echo "bench/run.sh: unknown argument '$a' (areas: convert procfs boot density network isolation)" >&2; exit 2 ;;
   esac
 done
-[ ${#AREAS[@]} -eq 0 ] && AREAS=(convert procfs boot density network)
+[ ${#AREAS[@]} -eq 0 ] && AREAS=(convert procfs boot density network isolation)
 [ "$(id -u)" = 0 ] || { echo "bench/run.sh: needs root (cgroups, mounts, OVS)" >&2; exit 2; }
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target}
 export BENCH_OUT=${BENCH_OUT:-$PWD/bench/out}
@@ -39,6 +39,36 @@ for area in "${AREAS[@]}"; do
     boot) if [ -n "$QUICK" ]; then bash bench/boot/run.sh 3; else bash bench/boot/run.sh 10; fi ;;
     density) if [ -n "$QUICK" ]; then bash bench/boot/density.sh 1 5 10; else bash bench/boot/density.sh 1 10 25 50; fi ;;
     network) bash bench/network/run.sh ;;
+    isolation)
+      runs=5; [ -n "$QUICK" ] && runs=3
+      bash bench/isolation/run.sh "$runs" | tee "$BENCH_OUT/isolation.md" &&
+        python3 - "$BENCH_OUT/isolation.md" "$BENCH_OUT/isolation.json" "$runs" <<'PY'
+import statistics, subprocess, sys
+md, out, runs = sys.argv[1:]
+iso, priv, pss_i, pss_p, copy = [], [], [], [], []
+for line in open(md):
+    c = [x.strip() for x in line.strip().strip("|").split("|")]
+    if len(c) == 4 and c[1] in ("isolated", "privileged"):
+        (iso if c[1] == "isolated" else priv).append(float(c[2]))
+        (pss_i if c[1] == "isolated" else pss_p).append(float(c[3]))
+    elif len(c) >= 3 and c[0].startswith("copy-shift"):
+        copy.append(float(c[2]))
+m = statistics.median
+args = ["--row", f"boot, user namespace + seccomp (median of {len(iso)})|s|{m(iso)}|same, privileged (no userns, no seccomp)|{m(priv)}|ratio_at_most:1.05|",
+        "--row", f"PSS per instance, isolated|MiB|{m(pss_i)}|same, privileged|{m(pss_p)}||"]
+if copy:
+    args += ["--row", f"first boot under a new id range, shifted-copy fallback|s|{copy[0]}||||"]
+    if len(copy) > 1:
+        args += ["--row", f"second boot in that range (copy reused)|s|{copy[1]}||||"]
+for i, (a, b) in enumerate(zip(iso, priv), 1):
+    args += ["--point", f"Boot time per run|isolated|run|seconds|{i}|{a}",
+             "--point", f"Boot time per run|privileged|run|seconds|{i}|{b}"]
+subprocess.run([sys.executable, "bench/emit.py", out, "--area", "isolation",
+    "--title", "Isolation cost: user namespace + seccomp vs privileged", "--command", f"bench/isolation/run.sh {runs}",
+    "--note", "With idmapped mounts (the default) a new id range costs nothing; the copy rows show the fallback the kernel would force without them.",
+    *args], check=True)
+PY
+      ;;
   esac
   rc=$?
   if [ $rc -ne 0 ] || [ ! -s "$BENCH_OUT/$area.json" ]; then
