@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every benchmark and writes bench/REPORT.md + bench/charts/*.png from their results.
-#   bench/run.sh [--quick] [AREA ...]     (root; areas: convert procfs boot density network isolation)
+#   bench/run.sh [--quick] [AREA ...]     (root; areas: convert procfs boot density network isolation
+#                                         image-bridge nova)
 # --quick: fewer repetitions and smaller sizes (about 10 min on 2 cores); the full run takes
 # about 30 min. Each area writes bench/out/<area>.json (bench/emit.py); an area that fails is
 # named at the end and the report is still written from the others.
@@ -11,11 +12,11 @@ for a in "$@"; do
   case "$a" in
     --quick) QUICK=1 ;;
     -h|--help) sed -n 2,6p "$0"; exit 0 ;;
-    convert|procfs|boot|density|network|isolation) AREAS+=("$a") ;;
-    *) echo "bench/run.sh: unknown argument '$a' (areas: convert procfs boot density network isolation)" >&2; exit 2 ;;
+    convert|procfs|boot|density|network|isolation|image-bridge|nova) AREAS+=("$a") ;;
+    *) echo "bench/run.sh: unknown argument '$a' (areas: convert procfs boot density network isolation image-bridge nova)" >&2; exit 2 ;;
   esac
 done
-[ ${#AREAS[@]} -eq 0 ] && AREAS=(convert procfs boot density network isolation)
+[ ${#AREAS[@]} -eq 0 ] && AREAS=(convert procfs boot density network isolation image-bridge nova)
 [ "$(id -u)" = 0 ] || { echo "bench/run.sh: needs root (cgroups, mounts, OVS)" >&2; exit 2; }
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target}
 export BENCH_OUT=${BENCH_OUT:-$PWD/bench/out}
@@ -67,6 +68,55 @@ subprocess.run([sys.executable, "bench/emit.py", out, "--area", "isolation",
     "--title", "Isolation cost: user namespace + seccomp vs privileged", "--command", f"bench/isolation/run.sh {runs}",
     "--note", "With idmapped mounts (the default) a new id range costs nothing; the copy rows show the fallback the kernel would force without them.",
     *args], check=True)
+PY
+      ;;
+    image-bridge)
+      bash bench/image-bridge/run.sh | tee "$BENCH_OUT/image-bridge.md" &&
+        python3 - "$BENCH_OUT/image-bridge.md" "$BENCH_OUT/image-bridge.json" <<'PY'
+import re, subprocess, sys
+md, out = sys.argv[1:]
+cells = {}
+for line in open(md):
+    c = [x.strip() for x in line.strip().strip("|").split("|")]
+    if len(c) == 2:
+        cells[c[0]] = c[1]
+num = lambda pat, key: float(re.search(pat, next(v for k, v in cells.items() if k.startswith(key))).group(1))
+curl_s, curl_mibs = num(r"([\d.]+) s", "curl"), num(r"= ([\d.]+) MiB/s", "curl")
+dl_mibs = num(r"= ([\d.]+) MiB/s", "image-bridge download")
+cold_s, cold_mibs = num(r"([\d.]+) s", "cold ensure_image"), num(r"= ([\d.]+) MiB/s", "cold ensure_image")
+warm_med = num(r"median ([\d.]+) ms", "warm ensure_image")
+warm_p99 = num(r"p99 ([\d.]+) ms", "warm ensure_image")
+subprocess.run([sys.executable, "bench/emit.py", out, "--area", "image-bridge",
+    "--title", "image-bridge: Glance pulls and the layer cache", "--command", "bench/image-bridge/run.sh",
+    "--row", f"download from the local Glance, hash verified while streaming|MiB/s|{dl_mibs}|curl of the same file|{curl_mibs}||higher",
+    "--row", f"cold ensure_image: download + verify + convert + unpack|MiB/s|{cold_mibs}|curl of the same file|{curl_mibs}||higher",
+    "--row", f"cold ensure_image, wall time|s|{cold_s}|curl of the same file|{curl_s}||",
+    "--row", f"warm ensure_image, median of 1000|ms|{warm_med}|||at_most:5|",
+    "--row", f"warm ensure_image, p99|ms|{warm_p99}|||at_most:5|",
+    "--note", f"image: {cells.get('image', '?')}"], check=True)
+PY
+      ;;
+    nova)
+      bash bench/nova/run.sh | tee "$BENCH_OUT/nova.md" &&
+        python3 - "$BENCH_OUT/nova.md" "$BENCH_OUT/nova.json" <<'PY'
+import subprocess, sys
+md, out = sys.argv[1:]
+rows = {}
+for line in open(md):
+    c = [x.strip() for x in line.strip().strip("|").split("|")]
+    if len(c) == 5 and c[1].isdigit():
+        rows[c[0]] = (int(c[1]), float(c[2]))
+def pick(prefix):
+    return next(v for k, v in rows.items() if k.startswith(prefix))
+sp, api_sp = pick("spawn -> RUNNING"), pick("create -> running")
+de, api_de = pick("destroy (driver)"), pick("delete (API)")
+gi = pick("get_info"); show = pick("GET /v1/instances")
+subprocess.run([sys.executable, "bench/emit.py", out, "--area", "nova",
+    "--title", "Nova driver (FatboxDriver) over fatboxd's API", "--command", "bench/nova/run.sh",
+    "--row", f"spawn → RUNNING through the driver (mean of {sp[0]})|ms|{sp[1]}|create → running, direct API|{api_sp[1]}||",
+    "--row", f"destroy through the driver (mean of {de[0]})|ms|{de[1]}|delete, direct API|{api_de[1]}||",
+    "--row", f"get_info (mean of {gi[0]})|ms|{gi[1]}|GET /v1/instances/ID, direct|{show[1]}||",
+    "--note", "The driver is a thin blocking client over the unix socket; the anchor is the same call made directly."], check=True)
 PY
       ;;
   esac
