@@ -740,7 +740,7 @@ impl LayerCache {
     }
 
     /// Evicts least recently used images until the cache fits its cap; never an image in
-    /// `keep` or one with a pinned layer. Returns the evicted ids.
+    /// `keep` or a pinned one, and never a layer a pin names. Returns the evicted ids.
     pub fn evict(&self, keep: &[String]) -> Result<Vec<String>> {
         let Some(max) = self.opts.max_bytes else {
             return Ok(Vec::new());
@@ -760,10 +760,13 @@ impl LayerCache {
             if usage <= max {
                 break;
             }
-            if keep.contains(&img.glance_id)
-                || pinned_images.contains(&img.glance_id)
-                || img.layers.iter().any(|l| pinned_layers.contains(&l.digest))
-            {
+            // An unpinned image that shares a layer with a pinned one (identical containerize
+            // layers are common) is still evicted: gc keeps every layer a pin names.
+            if keep.contains(&img.glance_id) || pinned_images.contains(&img.glance_id) {
+                continue;
+            }
+            if img.layers.iter().all(|l| pinned_layers.contains(&l.digest)) {
+                // Nothing of it would be freed.
                 continue;
             }
             let p = self.record_path(&img.glance_id);
