@@ -83,10 +83,10 @@ impl Daemon {
         std::fs::write(
             &config,
             format!(
-                "state_dir = \"{}\"\nsocket = \"{}\"\ncgroup_parent = \"fatbox-test-{}\"\nstop_timeout = 20\n[procfs]\n{procfs}[network]\n{network}\n[glance]\n{extra}",
+                "state_dir = \"{}\"\nsocket = \"{}\"\ncgroup_parent = \"{}\"\nstop_timeout = 20\n[procfs]\n{procfs}[network]\n{network}\n[glance]\n{extra}",
                 dir.path().join("state").display(),
                 socket.display(),
-                std::process::id(),
+                cgroup_parent_of(dir.path()),
             ),
         )
         .expect("config");
@@ -167,12 +167,20 @@ impl Daemon {
     }
 
     pub fn cgroup_parent(&self) -> String {
-        format!("fatbox-test-{}", std::process::id())
+        cgroup_parent_of(self.dir.path())
     }
 
     pub fn state_dir(&self) -> PathBuf {
         self.dir.path().join("state")
     }
+}
+
+/// One cgroup parent per daemon (the temp dir's unique name): tests of one binary run in
+/// parallel, and a footprint count must not see another test's instances.
+fn cgroup_parent_of(dir: &Path) -> String {
+    dir.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| format!("fatbox-test-{}", std::process::id()))
 }
 
 impl Drop for Daemon {
