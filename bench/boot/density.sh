@@ -61,10 +61,11 @@ LINES=()
 for n in "$@"; do
   line=$(measure "$n"); echo "$line"; LINES+=("$line")
 done
-printf '%s\n' "${LINES[@]}" | python3 - "${BENCH_OUT:-bench/out}/density.json" "$*" <<'PY'
+# (The lines go in as an argument: the heredoc is python's stdin.)
+python3 - "${BENCH_OUT:-bench/out}/density.json" "$*" "$(printf '%s\n' "${LINES[@]}")" <<'PY'
 import subprocess, sys
 out, ns = sys.argv[1], sys.argv[2]
-rows = [dict(kv.split("=") for kv in l.split()) for l in sys.stdin if l.strip()]
+rows = [dict(kv.split("=") for kv in l.split()) for l in sys.argv[3].splitlines() if l.strip()]
 args = []
 for r in rows:
     n = r["instances"]

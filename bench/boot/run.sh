@@ -78,10 +78,11 @@ PY
   echo "$line"; RESULTS+=("$line")
 done
 # Medians into the report (bench/REPORT.md via bench/run.sh).
-printf '%s\n' "${RESULTS[@]}" | python3 - "${BENCH_OUT:-bench/out}/boot.json" "$RUNS" <<'PY'
+# (The lines go in as an argument: the heredoc is python's stdin.)
+python3 - "${BENCH_OUT:-bench/out}/boot.json" "$RUNS" "$(printf '%s\n' "${RESULTS[@]}")" <<'PY'
 import statistics, subprocess, sys
 out, runs = sys.argv[1], sys.argv[2]
-rows = [list(map(float, l.split())) for l in sys.stdin if l.strip()]
+rows = [list(map(float, l.split())) for l in sys.argv[3].splitlines() if l.strip()]
 med = lambda k: statistics.median(r[k] for r in rows)
 pts = []
 for r in rows:
