@@ -18,14 +18,7 @@ fn host_avail(p: &std::path::Path) -> u64 {
 #[test]
 fn bad_requests_broken_guests_and_a_full_disk() {
     let d = Daemon::start();
-    let qcow = common::fixtures().join("v3.qcow2");
-    d.ok(&[
-        "image",
-        "import",
-        qcow.to_str().expect("path"),
-        "--name",
-        "deb",
-    ]);
+    d.import_fixture("deb");
     let run = |name: &str, extra: &[&str]| {
         let mut a = vec![
             "run", "--image", "deb", "--name", name, "--vcpus", "1", "--memory", "256", "--disk",

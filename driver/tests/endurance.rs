@@ -118,14 +118,7 @@ fn create_destroy_cycles_leave_nothing() {
     let cycles = env_n("FATBOX_LEAK_CYCLES", 20);
     let p = Procfs::start();
     let d = Daemon::start_with_procfs(&p);
-    let qcow = common::fixtures().join("v3.qcow2");
-    d.ok(&[
-        "image",
-        "import",
-        qcow.to_str().expect("path"),
-        "--name",
-        "deb",
-    ]);
+    d.import_fixture("deb");
     let cycle = |i: usize| {
         let name = format!("leak{i}");
         d.ok(&[
@@ -163,14 +156,7 @@ fn kill9_fatboxd_in_a_loop() {
     let kills = env_n("FATBOX_RESTORE_KILLS", 5);
     let p = Procfs::start();
     let mut d = Daemon::start_with_procfs(&p);
-    let qcow = common::fixtures().join("v3.qcow2");
-    d.ok(&[
-        "image",
-        "import",
-        qcow.to_str().expect("path"),
-        "--name",
-        "deb",
-    ]);
+    d.import_fixture("deb");
     let names: Vec<String> = (0..n).map(|i| format!("lr{i}")).collect();
     for name in &names {
         d.ok(&[

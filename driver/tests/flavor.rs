@@ -42,14 +42,7 @@ fn online_of(n: usize) -> String {
 fn nproc_cpuinfo_free_follow_the_flavor_and_live_resize() {
     let p = Procfs::start();
     let d = Daemon::start_with_procfs(&p);
-    let qcow = common::fixtures().join("v3.qcow2");
-    d.ok(&[
-        "image",
-        "import",
-        qcow.to_str().expect("path"),
-        "--name",
-        "deb",
-    ]);
+    d.import_fixture("deb");
     let u1 = d
         .ok(&[
             "run", "--image", "deb", "--name", "f1", "--vcpus", "1", "--memory", "384", "--disk",

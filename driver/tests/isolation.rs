@@ -16,14 +16,7 @@ fn is_root() -> bool {
 }
 
 fn import(d: &Daemon) {
-    let qcow = common::fixtures().join("v3.qcow2");
-    d.ok(&[
-        "image",
-        "import",
-        qcow.to_str().expect("path"),
-        "--name",
-        "deb",
-    ]);
+    d.import_fixture("deb");
 }
 
 fn run(d: &Daemon, name: &str, extra: &[&str]) -> serde_json::Value {

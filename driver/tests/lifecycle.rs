@@ -46,14 +46,7 @@ fn init_pid(d: &Daemon, id: &str) -> i64 {
 #[test]
 fn lifecycle() {
     let mut d = Daemon::start();
-    let qcow = common::fixtures().join("v3.qcow2");
-    d.ok(&[
-        "image",
-        "import",
-        qcow.to_str().expect("path"),
-        "--name",
-        "deb",
-    ]);
+    d.import_fixture("deb");
 
     // Bad input: clear API errors, nothing created.
     for (args, want) in [

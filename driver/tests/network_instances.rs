@@ -117,14 +117,7 @@ fn instances_on_ovs_vlans() {
         ovs.endpoint(),
         ovs.bridge
     ));
-    let qcow = common::fixtures().join("v3.qcow2");
-    d.ok(&[
-        "image",
-        "import",
-        qcow.to_str().expect("path"),
-        "--name",
-        "deb",
-    ]);
+    d.import_fixture("deb");
     let key = d.dir.path().join("id_ed25519");
     run_ok(
         "ssh-keygen",
@@ -455,14 +448,7 @@ fn boot_timing_with_and_without_nic() {
         ovs.endpoint(),
         ovs.bridge
     ));
-    let qcow = common::fixtures().join("v3.qcow2");
-    d.ok(&[
-        "image",
-        "import",
-        qcow.to_str().expect("path"),
-        "--name",
-        "deb",
-    ]);
+    d.import_fixture("deb");
     let key = d.dir.path().join("id_ed25519");
     run_ok(
         "ssh-keygen",

@@ -15,14 +15,7 @@ fn free_and_nproc_follow_the_flavor() {
         return;
     }
     let d = Daemon::start();
-    let qcow = common::fixtures().join("v3.qcow2");
-    d.ok(&[
-        "image",
-        "import",
-        qcow.to_str().expect("path"),
-        "--name",
-        "deb",
-    ]);
+    d.import_fixture("deb");
     d.ok(&[
         "run", "--image", "deb", "--name", "p1", "--vcpus", "1", "--memory", "384", "--disk", "1",
     ]);

@@ -166,6 +166,18 @@ impl Daemon {
         self.ok(&["exec", id, "--", "sh", "-c", cmd])
     }
 
+    /// Imports the fixture VM disk (v3.qcow2) as image `name`.
+    pub fn import_fixture(&self, name: &str) {
+        let qcow = fixtures().join("v3.qcow2");
+        self.ok(&[
+            "image",
+            "import",
+            qcow.to_str().expect("path"),
+            "--name",
+            name,
+        ]);
+    }
+
     pub fn cgroup_parent(&self) -> String {
         cgroup_parent_of(self.dir.path())
     }
