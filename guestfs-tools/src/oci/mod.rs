@@ -18,7 +18,7 @@ use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-pub use unpack::{unpack_layer, UnpackMode, UnpackStats};
+pub use unpack::{unpack_layer, unpack_layer_buffered, UnpackMode, UnpackStats};
 
 /// Annotation naming an image inside a layout (what `skopeo` calls `oci:DIR:NAME`).
 pub const REF_NAME: &str = "org.opencontainers.image.ref.name";
