@@ -19,6 +19,7 @@ for target in $(cargo +nightly fuzz list); do
     # Same limits as long-run.sh (128 KiB keeps input copies off ASan's mmap path).
     case $target in
         partitions|oci_layer) max_len=65536 ;;
+        ext4) max_len=262144 ;;
         *) max_len=131072 ;;
     esac
     dict=""
