@@ -621,6 +621,21 @@ fn sniffing_other_instances_traffic_on_ovs() {
             .output()
             .expect("fatbox exec")
     });
+    // Control: the same capture inside C (an endpoint of that traffic) must see the marker,
+    // so a 0 in A means "not delivered to A", not "not recognised".
+    let c_sniff = {
+        let probe = probe.clone();
+        let ns = c.ns.name.clone();
+        let others = others.clone();
+        std::thread::spawn(move || {
+            Command::new("ip")
+                .args(["netns", "exec", &ns])
+                .arg(&probe)
+                .args(["sniff", "3", &others])
+                .output()
+                .expect("probe in C")
+        })
+    };
     // A: its own marked pings to C in the background, and the capture with promiscuous mode
     // on every interface it can reach (eth0 via ip link, all of them via PACKET_MR_PROMISC).
     let script = format!(
@@ -633,6 +648,12 @@ fn sniffing_other_instances_traffic_on_ovs() {
     let sent = udp.join().expect("udp thread");
     let bp = b_ping.join().expect("ping thread");
     let b_out = String::from_utf8_lossy(&bp.stdout).into_owned();
+    let c_out = c_sniff.join().expect("sniff thread");
+    let c_seen: u64 = String::from_utf8_lossy(&c_out.stdout)
+        .split_whitespace()
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
 
     let n: Vec<u64> = out
         .split_whitespace()
@@ -643,7 +664,7 @@ fn sniffing_other_instances_traffic_on_ovs() {
     eprintln!(
         "sniffing on A: {seen_others} packets of B<->C (marker), {seen_own} of its own, \
          {total} in all, promiscuous on {promisc_ifs} interface(s) {ifs:?}; \
-         C sent {sent} UDP to B; B's ping: {}",
+         C itself saw {c_seen} marked; C sent {sent} UDP to B; B's ping: {}",
         b_out.lines().rev().nth(1).unwrap_or("")
     );
     assert!(sent > 20, "C sent {sent} datagrams");
@@ -654,6 +675,11 @@ fn sniffing_other_instances_traffic_on_ovs() {
         .and_then(|n| n.trim().parse().ok())
         .unwrap_or(0);
     assert!(received >= 5, "B <-> C traffic did not flow: {b_out}");
+    assert!(
+        c_seen > 0,
+        "the control capture in C saw no marked packet: {}",
+        String::from_utf8_lossy(&c_out.stdout)
+    );
     assert!(seen_own > 0, "the sniffer saw none of A's own pings: {out}");
     assert_eq!(seen_others, 0, "A saw B<->C traffic: {out}");
     assert!(
