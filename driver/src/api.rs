@@ -30,6 +30,7 @@ impl IntoResponse for ApiError {
             Error::NotFound(_) => StatusCode::NOT_FOUND,
             Error::Conflict(_) => StatusCode::CONFLICT,
             Error::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            Error::Disabled(_) => StatusCode::NOT_IMPLEMENTED,
             Error::Image(guestfs_tools::Error::NotFound(_)) => StatusCode::NOT_FOUND,
             Error::Image(
                 guestfs_tools::Error::Corrupt { .. }
@@ -79,6 +80,11 @@ pub fn router(m: Mgr) -> Router {
         .route("/v1/instances/{id}", get(show).delete(delete))
         .route("/v1/instances/{id}/actions", post(action))
         .route("/v1/instances/{id}/console", get(console))
+        .route("/v1/instances/{id}/console/attach", get(crate::console::attach))
+        .route(
+            "/v1/instances/{id}/serial-console",
+            post(crate::console::serial_console),
+        )
         .route(
             "/v1/instances/{id}/interfaces",
             get(list_interfaces).post(attach_interface),

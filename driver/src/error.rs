@@ -30,6 +30,9 @@ pub enum Error {
     Network(#[from] crate::network::Error),
     #[error("timed out: {0}")]
     Timeout(String),
+    /// A feature this host has turned off (HTTP 501).
+    #[error("disabled: {0}")]
+    Disabled(String),
     #[error("{0}")]
     Other(String),
 }

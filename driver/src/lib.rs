@@ -8,6 +8,7 @@ pub mod api;
 pub mod cgroups;
 pub mod client;
 pub mod config;
+pub mod console;
 pub mod configdrive;
 pub mod disk;
 pub mod enter;

@@ -177,6 +177,10 @@ pub struct Instance {
     /// Set while the instance runs its rescue system (its own disk at /mnt/rescue).
     #[serde(default)]
     pub rescue: Option<RescueImage>,
+    /// TCP port of its serial console (nova-serialproxy), allocated on first request and
+    /// kept until the instance is deleted.
+    #[serde(default)]
+    pub serial_port: Option<u16>,
 }
 
 /// The image a rescued instance boots.
@@ -257,6 +261,7 @@ impl Instance {
             "created_at": self.created_at,
             "booted_at": self.booted_at,
             "rescue_image": self.rescue.as_ref().map(|r| &r.image),
+            "serial_port": self.serial_port,
         })
     }
 }

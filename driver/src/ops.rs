@@ -62,6 +62,7 @@ pub struct Manager {
     locks: Mutex<HashMap<String, Arc<Mutex<()>>>>,
     ranges: crate::userns::Ranges,
     pub(crate) net: crate::vifs::NetState,
+    pub(crate) serial: crate::console::SerialPorts,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -81,6 +82,7 @@ impl Manager {
             instances: Mutex::new(HashMap::new()),
             locks: Mutex::new(HashMap::new()),
             net: Default::default(),
+            serial: Default::default(),
         }))
     }
 
@@ -204,6 +206,7 @@ impl Manager {
             created_at: now_secs(),
             booted_at: None,
             rescue: None,
+            serial_port: None,
         };
         let mut g = lock(&self.instances);
         if g.contains_key(&uuid) {
@@ -492,6 +495,7 @@ impl Manager {
         if self.cfg.security.isolated_ranges {
             self.ranges.free(&inst.uuid)?;
         }
+        self.serial.release(&inst.uuid);
         lock(&self.instances).remove(&inst.uuid);
         lock(&self.locks).remove(&inst.uuid);
         Ok(())
@@ -653,6 +657,7 @@ impl Manager {
                 (_, false) => {}
             }
         }
+        self.restore_serial();
         Ok(())
     }
 

@@ -133,13 +133,14 @@ fn open_pty(init_pid: i32) -> Result<(OwnedFd, OwnedFd)> {
 }
 
 /// Restores the terminal mode on drop (also on error paths).
-struct RawMode {
+pub struct RawMode {
     fd: i32,
     saved: nix::sys::termios::Termios,
 }
 
 impl RawMode {
-    fn enter(fd: std::os::fd::BorrowedFd<'_>) -> Option<RawMode> {
+    /// Raw mode on `fd`; None when it is not a terminal.
+    pub fn enter(fd: std::os::fd::BorrowedFd<'_>) -> Option<RawMode> {
         let saved = nix::sys::termios::tcgetattr(fd).ok()?;
         let mut raw = saved.clone();
         nix::sys::termios::cfmakeraw(&mut raw);
