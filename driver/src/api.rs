@@ -80,7 +80,10 @@ pub fn router(m: Mgr) -> Router {
         .route("/v1/instances/{id}", get(show).delete(delete))
         .route("/v1/instances/{id}/actions", post(action))
         .route("/v1/instances/{id}/console", get(console))
-        .route("/v1/instances/{id}/console/attach", get(crate::console::attach))
+        .route(
+            "/v1/instances/{id}/console/attach",
+            get(crate::console::attach),
+        )
         .route(
             "/v1/instances/{id}/serial-console",
             post(crate::console::serial_console),

@@ -93,7 +93,12 @@ pub type ConsoleStream = tokio_tungstenite::WebSocketStream<tokio::net::UnixStre
 impl Client {
     /// `GET /v1/instances/{id}/console/attach` upgraded to a WebSocket; `tail` bytes of the
     /// log come first. An HTTP error (unknown instance, powered off) is returned as such.
-    pub async fn attach_console(&self, id: &str, tail: u64, readonly: bool) -> Result<ConsoleStream> {
+    pub async fn attach_console(
+        &self,
+        id: &str,
+        tail: u64,
+        readonly: bool,
+    ) -> Result<ConsoleStream> {
         let stream = tokio::net::UnixStream::connect(&self.socket)
             .await
             .map_err(|e| {
@@ -112,7 +117,11 @@ impl Client {
                     status: resp.status().as_u16(),
                     body: resp.body().clone().unwrap_or_default(),
                 };
-                Err(Error::Other(format!("{} ({})", reply.error(), reply.status)))
+                Err(Error::Other(format!(
+                    "{} ({})",
+                    reply.error(),
+                    reply.status
+                )))
             }
             Err(e) => Err(Error::Other(format!("console attach: {e}"))),
         }

@@ -153,8 +153,7 @@ impl Server {
                 flush(c);
             }
             // Both directions closed: nothing more to do with it.
-            if p.revents & libc::POLLHUP != 0 && (c.input_done || p.revents & libc::POLLIN == 0)
-            {
+            if p.revents & libc::POLLHUP != 0 && (c.input_done || p.revents & libc::POLLIN == 0) {
                 c.dead = true;
             }
             if c.hello.is_some() && c.input_done {
@@ -197,7 +196,10 @@ impl Server {
     pub fn broadcast(&mut self, data: &[u8]) {
         for c in self.conns.iter_mut().filter(|c| c.hello.is_none()) {
             if c.out.len().saturating_add(data.len()) > MAX_BACKLOG {
-                tracing::info!(backlog = c.out.len(), "console: dropping a client that does not read");
+                tracing::info!(
+                    backlog = c.out.len(),
+                    "console: dropping a client that does not read"
+                );
                 c.dead = true;
                 continue;
             }
@@ -452,7 +454,11 @@ fn lock_map<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// Binds ip:port and serves it on the current tokio runtime: each TCP connection is relayed
 /// raw to the console socket of the moment (none while the instance is off: closed at once).
-fn listen(ip: std::net::IpAddr, port: u16, sock: PathBuf) -> std::io::Result<tokio::task::AbortHandle> {
+fn listen(
+    ip: std::net::IpAddr,
+    port: u16,
+    sock: PathBuf,
+) -> std::io::Result<tokio::task::AbortHandle> {
     let rt = tokio::runtime::Handle::try_current()
         .map_err(|e| std::io::Error::other(format!("no runtime: {e}")))?;
     let l = std::net::TcpListener::bind((ip, port))?;

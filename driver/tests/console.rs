@@ -85,7 +85,10 @@ fn tcp_until(s: &mut std::net::TcpStream, needle: &str, secs: u64) -> String {
         let round = Instant::now() + Duration::from_secs(2);
         while Instant::now() < round {
             match s.read(&mut buf) {
-                Ok(0) => panic!("serial console closed; got {}", String::from_utf8_lossy(&seen)),
+                Ok(0) => panic!(
+                    "serial console closed; got {}",
+                    String::from_utf8_lossy(&seen)
+                ),
                 Ok(n) => seen.extend_from_slice(&buf[..n]),
                 Err(_) => break,
             }
@@ -93,13 +96,20 @@ fn tcp_until(s: &mut std::net::TcpStream, needle: &str, secs: u64) -> String {
                 return String::from_utf8_lossy(&seen).into_owned();
             }
         }
-        assert!(Instant::now() < deadline, "no {needle:?} on the serial console");
+        assert!(
+            Instant::now() < deadline,
+            "no {needle:?} on the serial console"
+        );
     }
 }
 
 async fn serial(d: &Daemon) -> (String, u16) {
     let r = Client::new(&d.socket)
-        .request("POST", &format!("/v1/instances/{NAME}/serial-console"), None)
+        .request(
+            "POST",
+            &format!("/v1/instances/{NAME}/serial-console"),
+            None,
+        )
         .await
         .expect("request");
     assert_eq!(r.status, 200, "serial-console: {}", r.error());
@@ -131,7 +141,9 @@ fn console_attach_serial_and_restart() {
     // The socket is the monitor's, 0600.
     let sock = sock_path(&d);
     let mode = std::os::unix::fs::PermissionsExt::mode(
-        &std::fs::metadata(&sock).expect("console.sock").permissions(),
+        &std::fs::metadata(&sock)
+            .expect("console.sock")
+            .permissions(),
     );
     assert_eq!(mode & 0o777, 0o600, "console.sock mode {mode:o}");
 
@@ -140,7 +152,10 @@ fn console_attach_serial_and_restart() {
         let mut a = attach(&d, 65536, false).await;
         let mut b = attach(&d, 0, true).await;
         let seen = ws_until(&mut a, "login:", Some(b"\r"), 60).await;
-        assert!(seen.contains("Welcome to"), "no boot messages replayed: {seen}");
+        assert!(
+            seen.contains("Welcome to"),
+            "no boot messages replayed: {seen}"
+        );
         // The read-only attacher sees the same live output.
         ws_until(&mut b, "login:", None, 30).await;
         // Typed input reaches the getty: a user name gets a password prompt.
@@ -176,7 +191,9 @@ fn console_attach_serial_and_restart() {
         got < 600_000,
         "the stuck client got everything ({got} bytes): it was not dropped"
     );
-    println!("flood of 606 kB with a stuck client: {flood:?}; it got {got} bytes before being dropped");
+    println!(
+        "flood of 606 kB with a stuck client: {flood:?}; it got {got} bytes before being dropped"
+    );
 
     // `fatbox console NAME` through pipes.
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_fatbox"))
@@ -222,7 +239,11 @@ fn console_attach_serial_and_restart() {
     // Serial console: a TCP port on demand, the same one when asked again.
     let (host, port) = rt.block_on(serial(&d));
     assert_eq!(host, "127.0.0.1");
-    assert_eq!(rt.block_on(serial(&d)).1, port, "a second request moved the port");
+    assert_eq!(
+        rt.block_on(serial(&d)).1,
+        port,
+        "a second request moved the port"
+    );
     assert_eq!(d.show(NAME)["serial_port"].as_u64(), Some(u64::from(port)));
     let mut tcp = std::net::TcpStream::connect((host.as_str(), port)).expect("serial connect");
     tcp_until(&mut tcp, "login:", 60);
@@ -232,7 +253,11 @@ fn console_attach_serial_and_restart() {
     // again and the serial port is listened on again.
     d.kill9();
     d.spawn();
-    assert_eq!(rt.block_on(serial(&d)).1, port, "port changed across the restart");
+    assert_eq!(
+        rt.block_on(serial(&d)).1,
+        port,
+        "port changed across the restart"
+    );
     let mut tcp = std::net::TcpStream::connect(("127.0.0.1", port)).expect("serial after restart");
     tcp_until(&mut tcp, "login:", 60);
     rt.block_on(async {
@@ -245,7 +270,10 @@ fn console_attach_serial_and_restart() {
     d.ok(&["stop", NAME, "--timeout", "20"]);
     rt.block_on(ws_closed(&mut a, 30));
     let o = d.fatbox(&["console", NAME]);
-    assert!(!o.status.success(), "attach to a stopped instance succeeded");
+    assert!(
+        !o.status.success(),
+        "attach to a stopped instance succeeded"
+    );
     assert!(
         String::from_utf8_lossy(&o.stderr).contains("(409)"),
         "{}",

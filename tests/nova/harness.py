@@ -58,7 +58,8 @@ def cloudinit_qcow2():
 
 
 class Fatboxd:
-    def __init__(self):
+    def __init__(self, extra=""):
+        """`extra`: TOML appended to the config (whole sections)."""
         self.dir = Path(tempfile.mkdtemp(prefix="fatbox-nova-", dir="/var/tmp"))
         self.socket = self.dir / "fatboxd.sock"
         self.state = self.dir / "state"
@@ -67,7 +68,7 @@ class Fatboxd:
         self.config.write_text(
             f'state_dir = "{self.state}"\nsocket = "{self.socket}"\n'
             f'cgroup_parent = "{self.cgroup_parent}"\nstop_timeout = 20\n'
-            "[procfs]\n[network]\n[glance]\n"
+            "[procfs]\n[network]\n[glance]\n" + extra
         )
         self.log = open(self.dir / "fatboxd.log", "ab")
         self.proc = subprocess.Popen(

@@ -535,8 +535,18 @@ class FatboxDriver(driver.ComputeDriver):
         return data.decode("latin-1")
 
     def get_serial_console(self, context, instance, **kwargs):
-        # Needs a TCP endpoint on the console pty for nova-serialproxy; fatboxd has none yet.
-        raise _not_implemented("serial consoles")
+        # fatboxd opens a TCP port on its `[console] serial_listen` address that relays raw
+        # bytes to the console pty: what nova-serialproxy connects to, as with libvirt.
+        from nova.console import type as ctype
+        try:
+            c = self.client.serial_console(instance.uuid)
+        except fbclient.NotFound:
+            raise exception.InstanceNotFound(instance_id=instance.uuid)
+        except fbclient.FatboxError as e:
+            if e.status == 501:
+                raise exception.ConsoleTypeUnavailable(console_type="serial")
+            raise
+        return ctype.ConsoleSerial(host=c["host"], port=c["port"])
 
     @staticmethod
     def _cgroup_files(view, name):
