@@ -161,15 +161,13 @@ impl Server {
             }
         }
         self.conns.retain(|c| !c.dead);
-        if let Some(l) = &self.listener {
-            if fds.first().is_some_and(|p| p.revents & libc::POLLIN != 0) {
-                self.accept(l.try_clone().ok());
-            }
+        if fds.first().is_some_and(|p| p.revents & libc::POLLIN != 0) {
+            self.accept();
         }
     }
 
-    fn accept(&mut self, l: Option<UnixListener>) {
-        let Some(l) = l else { return };
+    fn accept(&mut self) {
+        let Some(l) = &self.listener else { return };
         loop {
             match l.accept() {
                 Ok((s, _)) => {
