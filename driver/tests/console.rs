@@ -149,7 +149,12 @@ fn console_attach_serial_and_restart() {
 
     // WebSocket: the log's tail first (systemd's boot messages), then the live getty.
     rt.block_on(async {
+        let t = Instant::now();
         let mut a = attach(&d, 65536, false).await;
+        println!(
+            "attach (connect + WebSocket upgrade + hello): {:?}",
+            t.elapsed()
+        );
         let mut b = attach(&d, 0, true).await;
         let seen = ws_until(&mut a, "login:", Some(b"\r"), 60).await;
         assert!(
@@ -158,6 +163,21 @@ fn console_attach_serial_and_restart() {
         );
         // The read-only attacher sees the same live output.
         ws_until(&mut b, "login:", None, 30).await;
+        // Keystroke round trips: WebSocket → fatboxd → console.sock → pty → the getty's echo.
+        let mut rtts = Vec::new();
+        for _ in 0..20 {
+            let t = Instant::now();
+            a.send(Message::Binary(b"q".to_vec().into()))
+                .await
+                .expect("send");
+            ws_until(&mut a, "q", None, 10).await;
+            rtts.push(t.elapsed());
+        }
+        rtts.sort();
+        println!(
+            "keystroke echo through the WebSocket: median {:?}, max {:?} (20 keys)",
+            rtts[10], rtts[19]
+        );
         // Typed input reaches the getty: a user name gets a password prompt.
         let seen = ws_until(&mut a, "Password:", Some(b"nobody\r"), 30).await;
         assert!(seen.contains("Password:"), "{seen}");
@@ -172,9 +192,13 @@ fn console_attach_serial_and_restart() {
         NAME,
         "head -c 600000 /dev/zero | tr '\\0' x | fold -w 100 > /dev/console; echo END-OF-FLOOD > /dev/console",
     );
+    // The pty hands the output to the monitor asynchronously: poll the log for the marker.
+    wait_for(30, "END-OF-FLOOD in console.log", || {
+        d.ok(&["console", NAME, "--log", "--bytes", "4096"])
+            .contains("END-OF-FLOOD")
+            .then_some(())
+    });
     let flood = t.elapsed();
-    let log = d.ok(&["console", NAME, "--log", "--bytes", "4096"]);
-    assert!(log.contains("END-OF-FLOOD"), "log after the flood: {log}");
     stuck
         .set_read_timeout(Some(Duration::from_secs(30)))
         .expect("timeout");
@@ -192,7 +216,7 @@ fn console_attach_serial_and_restart() {
         "the stuck client got everything ({got} bytes): it was not dropped"
     );
     println!(
-        "flood of 606 kB with a stuck client: {flood:?}; it got {got} bytes before being dropped"
+        "606 kB written to /dev/console until all in console.log, with a client that never reads: {flood:?}; that client got {got} bytes, then was dropped"
     );
 
     // `fatbox console NAME` through pipes.
