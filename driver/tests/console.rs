@@ -260,6 +260,49 @@ fn console_attach_serial_and_restart() {
     });
     assert!(st.success(), "fatbox console after SIGTERM: {st}");
 
+    // On a terminal: raw mode while attached, Ctrl-] detaches, the terminal is restored.
+    let pty = nix::pty::openpty(None, None).expect("openpty");
+    let before = nix::sys::termios::tcgetattr(&pty.slave).expect("tcgetattr");
+    let slave = |_: ()| std::process::Stdio::from(pty.slave.try_clone().expect("dup"));
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_fatbox"))
+        .arg("--socket")
+        .arg(&d.socket)
+        .args(["console", NAME])
+        .stdin(slave(()))
+        .stdout(slave(()))
+        .stderr(slave(()))
+        .spawn()
+        .expect("fatbox console on a pty");
+    let mut master = std::fs::File::from(pty.master);
+    let raw = wait_for(10, "raw mode on the terminal", || {
+        let now = nix::sys::termios::tcgetattr(&pty.slave).expect("tcgetattr");
+        (!now
+            .local_flags
+            .contains(nix::sys::termios::LocalFlags::ICANON))
+        .then_some(now)
+    });
+    assert!(!raw
+        .local_flags
+        .contains(nix::sys::termios::LocalFlags::ECHO));
+    master.write_all(&[0x1d]).expect("Ctrl-]");
+    let st = wait_for(10, "fatbox console detaches on Ctrl-]", || {
+        child.try_wait().expect("wait")
+    });
+    assert!(st.success(), "fatbox console after Ctrl-]: {st}");
+    let after = nix::sys::termios::tcgetattr(&pty.slave).expect("tcgetattr");
+    assert_eq!(
+        before.local_flags, after.local_flags,
+        "terminal not restored"
+    );
+    assert_eq!(
+        before.input_flags, after.input_flags,
+        "terminal not restored"
+    );
+    assert_eq!(
+        before.output_flags, after.output_flags,
+        "terminal not restored"
+    );
+
     // Serial console: a TCP port on demand, the same one when asked again.
     let (host, port) = rt.block_on(serial(&d));
     assert_eq!(host, "127.0.0.1");
