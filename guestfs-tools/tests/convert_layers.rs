@@ -185,13 +185,24 @@ fn zstd_layers_are_the_same_bytes_whatever_the_thread_count_and_unpack_whole() {
                 .arg(&oci),
         );
         let (manifest, _) = image(&oci, &name);
-        bases.push(manifest["layers"][0]["digest"].as_str().expect("digest").to_string());
+        bases.push(
+            manifest["layers"][0]["digest"]
+                .as_str()
+                .expect("digest")
+                .to_string(),
+        );
     }
     assert!(bases.iter().all(|d| *d == bases[0]), "{bases:?}");
     let data = std::fs::read(blob(&oci, &bases[0])).expect("blob");
     // Several frames: the magic number at the start of each one.
-    let frames = data.windows(4).filter(|w| *w == [0x28, 0xb5, 0x2f, 0xfd]).count();
-    assert!(frames >= 6, "expected one frame per MiB of tar, found {frames}");
+    let frames = data
+        .windows(4)
+        .filter(|w| *w == [0x28, 0xb5, 0x2f, 0xfd])
+        .count();
+    assert!(
+        frames >= 6,
+        "expected one frame per MiB of tar, found {frames}"
+    );
 
     let dest = tmp.path().join("unpacked");
     run_ok(

@@ -224,7 +224,9 @@ type BlobDone = (tempfile::NamedTempFile, Option<(String, u64)>);
 /// compresses, hashes and writes the blob. On a small host this turns three serial costs
 /// (read, sha256, compress) into a pipeline bounded by the slowest of them.
 pub struct LayerSink {
+    /// The chunk being filled: always `CHUNK` bytes long, `used` of them are tar.
     buf: Vec<u8>,
+    used: usize,
     to_hash: Option<SyncSender<Chunk>>,
     to_blob: Option<SyncSender<Chunk>>,
     /// Empty chunks coming back from whichever consumer let go of them last.
@@ -239,8 +241,9 @@ pub struct LayerSink {
 
 /// Hands a chunk's buffer back to the producer once both consumers are done with it.
 fn recycle(chunk: Chunk, spare: &SyncSender<Vec<u8>>) {
-    if let Some(mut v) = Arc::into_inner(chunk) {
-        v.clear();
+    // The length stays: the producer fills buffers in place and would otherwise have to
+    // zero each one again.
+    if let Some(v) = Arc::into_inner(chunk) {
         let _ = spare.try_send(v);
     }
 }
@@ -419,14 +422,17 @@ fn zstd_frames(
 
 impl LayerSink {
     fn send(&mut self) -> std::io::Result<()> {
-        if self.buf.is_empty() {
+        if self.used == 0 {
             return Ok(());
         }
-        let next = self
-            .spare
-            .try_recv()
-            .unwrap_or_else(|_| Vec::with_capacity(CHUNK));
-        let chunk = Arc::new(std::mem::replace(&mut self.buf, next));
+        // A fresh buffer is calloc'ed (zero pages, no memset); a recycled one is only
+        // shorter than a chunk if it was the last, partial one.
+        let mut next = self.spare.try_recv().unwrap_or_else(|_| vec![0u8; CHUNK]);
+        next.resize(CHUNK, 0);
+        let mut full = std::mem::replace(&mut self.buf, next);
+        full.truncate(self.used);
+        self.used = 0;
+        let chunk = Arc::new(full);
         let t = Instant::now();
         let ok = match (&self.to_hash, &self.to_blob) {
             (Some(h), Some(b)) => h.send(chunk.clone()).is_ok() && b.send(chunk).is_ok(),
@@ -490,7 +496,11 @@ impl LayerSink {
         let (digest, size) = blob.unwrap_or_else(|| (diff.clone(), tar_size));
         let t = Instant::now();
         tmp.as_file().sync_all().map_err(io(&self.blobs))?;
-        tracing::debug!(fsync_s = t.elapsed().as_secs_f64(), size, "layer blob synced");
+        tracing::debug!(
+            fsync_s = t.elapsed().as_secs_f64(),
+            size,
+            "layer blob synced"
+        );
         let dest = self.blobs.join(&digest);
         tmp.persist(&dest).map_err(|e| Error::io(&dest, e.error))?;
         fsync_dir(&self.blobs)?;
@@ -504,15 +514,38 @@ impl LayerSink {
     }
 }
 
+impl LayerSink {
+    /// Lets `fill` write tar bytes straight into the current chunk (file data read from the
+    /// disk image lands where the hasher and compressor read it, without a copy through an
+    /// intermediate buffer). `fill` gets the free part of the chunk and returns how many
+    /// bytes it wrote; the total is returned.
+    pub fn fill_in_place(
+        &mut self,
+        fill: &mut dyn FnMut(&mut [u8]) -> Result<usize>,
+    ) -> Result<usize> {
+        let room = &mut self.buf[self.used..];
+        let n = fill(room)?;
+        if n > room.len() {
+            return Err(Error::Other("in-place fill overran its chunk".into()));
+        }
+        self.used += n;
+        if self.used == CHUNK {
+            self.send().map_err(io(&self.blobs))?;
+        }
+        Ok(n)
+    }
+}
+
 impl Write for LayerSink {
     fn write(&mut self, mut data: &[u8]) -> std::io::Result<usize> {
         let n = data.len();
         while !data.is_empty() {
-            let room = CHUNK - self.buf.len();
-            let (now, rest) = data.split_at(room.min(data.len()));
-            self.buf.extend_from_slice(now);
-            data = rest;
-            if self.buf.len() == CHUNK {
+            let room = &mut self.buf[self.used..];
+            let k = room.len().min(data.len());
+            room[..k].copy_from_slice(&data[..k]);
+            self.used += k;
+            data = &data[k..];
+            if self.used == CHUNK {
                 self.send()?;
             }
         }
@@ -614,7 +647,8 @@ impl Layout {
         let hasher = spawn_hasher(hash_rx, spare_tx.clone());
         let blob = spawn_blob_writer(blob_rx, spare_tx, tmp, compression, level, threads);
         Ok(LayerSink {
-            buf: Vec::with_capacity(CHUNK),
+            buf: vec![0u8; CHUNK],
+            used: 0,
             to_hash: Some(hash_tx),
             to_blob: Some(blob_tx),
             spare: spare_rx,
