@@ -513,8 +513,8 @@ def neutron_port(port_id, mac, ip, status="ACTIVE", vlan=120, mtu=1450, bridge="
 class FatboxNetworkTest(DriverTestBase):
     """Neutron-style VIFs on a private OVS (userspace datapath) behind fatboxd."""
 
-    PORT0 = "5e0c4a1e-0000-4000-8000-0000000000e0"
-    PORT1 = "5e0c4a1e-0000-4000-8000-0000000000e1"
+    PORT0 = "0b6f3c2a-91d4-4e5b-8c7a-2f1e0d9c8b70"
+    PORT1 = "7d41e9b5-36a8-4c2f-9e1b-5a4d3c2b1a01"
 
     @classmethod
     def tearDownClass(cls):
