@@ -80,6 +80,7 @@ class Ovs:
         self.bridge = bridge
         self.sock = self.dir / "db.sock"
         self.procs = []
+        self.extra_bridges = []
         self._lock = None
 
     @property
@@ -130,6 +131,13 @@ class Ovs:
     def vsctl(self, *args):
         return _run("ovs-vsctl", f"--db={self.endpoint}", *args)
 
+    def add_bridge(self, name):
+        """Another netdev bridge (its host tap is deleted in stop())."""
+        if name not in self.extra_bridges:
+            self.extra_bridges.append(name)
+        self.vsctl("--timeout=20", "--may-exist", "add-br", name, "--", "set", "bridge",
+                   name, "datapath_type=netdev")
+
     def get(self, table, row, col):
         return self.vsctl("get", table, row, col).strip()
 
@@ -137,6 +145,9 @@ class Ovs:
         return self.vsctl("list-ports", self.bridge).split()
 
     def stop(self):
+        if self._lock is None:
+            # Never started (or stopped already): the datapath tap, if any, is someone else's.
+            return
         if len(self.procs) > 1:
             subprocess.run(["timeout", "5", "ovs-appctl", "-t", str(self.dir / "vswitchd.ctl"),
                             "exit", "--cleanup"], capture_output=True)
@@ -147,8 +158,9 @@ class Ovs:
                 p.kill()
                 p.wait()
         self.procs = []
-        for dev in (self.bridge, "ovs-netdev"):
+        for dev in (self.bridge, *self.extra_bridges, "ovs-netdev"):
             _run("ip", "link", "del", dev, check=False)
+        self.extra_bridges = []
         if self._lock is not None:
             self._lock.close()
             self._lock = None

@@ -4,8 +4,8 @@ suite: it is a report (tests/nova/run-nova-virt-tests.sh), since some of its tes
 what fatbox does not do (live migration, volumes, VNC/SPICE consoles).
 
 Two variants:
-- FatboxConnectionTestCase: Nova's test case unchanged (its instances have one OVS VIF, so
-  spawn needs fatboxd's networking and an OVS integration bridge);
+- FatboxConnectionTestCase: Nova's test case unchanged (its instances have one OVS VIF on
+  bridge br0: the harness's private OVS gets a br0, so spawn plugs it for real);
 - FatboxConnectionNoNetTestCase: the same tests with spawn given no VIF and
   [fatbox] config_drive = False, to see what the driver does with a running instance where
   no OVS runs.
@@ -37,6 +37,15 @@ class FatboxConnectionTestCase(tvd._VirtDriverTestCase, test.TestCase):
         self.connection.client = fbclient.Client(str(fb.socket))
         self.connection.init_host("myhostname")
         self.addCleanup(self._delete_all, fb)
+        # nova.tests.unit.utils.get_test_network_info(): one OVS VIF on bridge br0.
+        fb.start_ovs().add_bridge("br0")
+
+    @classmethod
+    def tearDownClass(cls):
+        # The OVS harness lock is host-wide (the Rust network tests take it too).
+        if harness._daemon is not None:
+            harness._daemon.stop_ovs()
+        super().tearDownClass()
 
     @staticmethod
     def _delete_all(fb):
