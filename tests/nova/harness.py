@@ -108,6 +108,9 @@ class Ovs:
         try:
             # A previous run killed hard may have left the datapath tap behind.
             _run("ip", "link", "del", "ovs-netdev", check=False)
+            # A fresh database each start (a restart after stop() must not find the old one).
+            for f in ("conf.db", ".conf.db.~lock~", "db.sock"):
+                (self.dir / f).unlink(missing_ok=True)
             _run("ovsdb-tool", "create", str(self.dir / "conf.db"), OVS_SCHEMA)
             self._spawn(["ovsdb-server", str(self.dir / "conf.db"),
                          f"--remote=punix:{self.sock}",
@@ -170,12 +173,16 @@ class Procfs:
     """A real fatbox-procfs on a private mount and registry (so `nproc`, `free` inside
     follow the flavor), shut down by its own `shutdown` command, then by pid."""
 
-    def __init__(self, dir):
-        self.dir = Path(dir)
+    def __init__(self):
+        if not (bin_dir() / "fatbox-procfs").exists() and not os.environ.get("FATBOX_BIN_DIR"):
+            # `cargo test -p driver` alone does not build the other package's binary.
+            subprocess.run(["cargo", "build", "--release", "-p", "procfs-fuse", "--bin",
+                            "fatbox-procfs"], cwd=ROOT, check=True)
+        self.dir = Path(tempfile.mkdtemp(prefix="fatbox-nova-procfs-", dir="/run"))
         self.mount = self.dir / "mnt"
         self.registry = self.dir / "registry"
         self.keeper = self.dir / "keeper.sock"
-        self.mount.mkdir(parents=True)
+        self.mount.mkdir()
         self.registry.mkdir()
         log = open(self.dir / "procfs.log", "ab")
         self.proc = subprocess.Popen(
@@ -201,6 +208,7 @@ class Procfs:
         self.proc.wait()
         if os.path.ismount(self.mount):
             subprocess.run(["umount", "-l", str(self.mount)], capture_output=True)
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 class Fatboxd:
@@ -213,7 +221,11 @@ class Fatboxd:
         # The OVS starts only when a test needs networking (ovs()): until then nothing
         # connects to this socket, and the host-wide OVS harness lock stays free.
         self.ovs = Ovs(self.dir / "ovs", f"fbn{uuid.uuid4().hex[:8]}")
-        self.procfs = Procfs(Path(tempfile.mkdtemp(prefix="fatbox-nova-procfs-", dir="/run")))
+        try:
+            self.procfs = Procfs()
+        except Exception:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            raise
         self.config.write_text(
             f'state_dir = "{self.state}"\nsocket = "{self.socket}"\n'
             f'cgroup_parent = "{self.cgroup_parent}"\nstop_timeout = 20\n'
@@ -238,6 +250,8 @@ class Fatboxd:
                     self.proc.kill()
                     self.proc.wait()
                 self.procfs.stop()
+                self.log.close()
+                shutil.rmtree(self.dir, ignore_errors=True)
                 raise RuntimeError(f"fatboxd did not come up: {tail}")
             time.sleep(0.01)
 
@@ -309,7 +323,6 @@ class Fatboxd:
         self.log.close()
         self.ovs.stop()
         self.procfs.stop()
-        shutil.rmtree(self.procfs.dir, ignore_errors=True)
         for root in Path("/sys/fs/cgroup").iterdir() if Path("/sys/fs/cgroup").is_dir() else []:
             p = root / self.cgroup_parent
             if p.is_dir():

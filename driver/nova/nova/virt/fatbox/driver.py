@@ -546,6 +546,10 @@ class FatboxDriver(driver.ComputeDriver):
         self._action(instance, "rescue", **body)
 
     def unrescue(self, context, instance, **kwargs):
+        # Idempotent like libvirt's: an instance that is not rescued stays as it is.
+        if self._show(instance).get("state") != "rescued":
+            LOG.debug("unrescue: instance is not rescued", instance=instance)
+            return
         self._action(instance, "unrescue")
 
     def get_console_output(self, context, instance, **kwargs):
