@@ -228,7 +228,8 @@ class Fatboxd:
             raise
         self.config.write_text(
             f'state_dir = "{self.state}"\nsocket = "{self.socket}"\n'
-            f'cgroup_parent = "{self.cgroup_parent}"\nstop_timeout = 20\n'
+            f'cgroup_parent = "{self.cgroup_parent}"\n'
+            f'stop_timeout = {int(os.environ.get("FATBOX_TEST_STOP_TIMEOUT", "20"))}\n'
             f'[procfs]\nmount = "{self.procfs.mount}"\nregistry = "{self.procfs.registry}"\n'
             f'[network]\novsdb = "{self.ovs.endpoint}"\n'
             f'integration_bridge = "{self.ovs.bridge}"\nstandalone = true\n'
