@@ -31,6 +31,7 @@ impl IntoResponse for ApiError {
             Error::Conflict(_) => StatusCode::CONFLICT,
             Error::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
             Error::Disabled(_) => StatusCode::NOT_IMPLEMENTED,
+            Error::Unsupported(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Error::Image(guestfs_tools::Error::NotFound(_)) => StatusCode::NOT_FOUND,
             Error::Image(
                 guestfs_tools::Error::Corrupt { .. }
@@ -161,6 +162,12 @@ struct ActionReq {
     /// rebuild, rescue: the image (default: the instance's).
     #[serde(default)]
     image: Option<String>,
+    /// set_password: the new password (stdin of the guest's chpasswd only) and the user
+    /// (default root).
+    #[serde(default)]
+    password: Option<String>,
+    #[serde(default)]
+    user: Option<String>,
     /// resize: the fields to change.
     #[serde(flatten)]
     resize: ResizeRequest,
@@ -184,9 +191,13 @@ async fn action(
         "rebuild" => m.rebuild(&id, &RebuildRequest { image: req.image }),
         "rescue" => m.rescue(&id, &RescueRequest { image: req.image }),
         "unrescue" => m.unrescue(&id),
+        "set_password" => match &req.password {
+            Some(p) => m.set_password(&id, req.user.as_deref(), p),
+            None => Err(Error::Invalid("set_password needs a password".into())),
+        },
         other => Err(Error::Invalid(format!(
             "unknown action {other:?} (stop, start, reboot, reboot_hard, pause, unpause, \
-             suspend, resume, resize, rebuild, rescue, unrescue)"
+             suspend, resume, resize, rebuild, rescue, unrescue, set_password)"
         ))),
     })
     .await?;

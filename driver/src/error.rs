@@ -33,6 +33,9 @@ pub enum Error {
     /// A feature this host has turned off (HTTP 501).
     #[error("disabled: {0}")]
     Disabled(String),
+    /// The guest cannot do what is asked (e.g. it has no chpasswd) (HTTP 422).
+    #[error("unsupported by the guest: {0}")]
+    Unsupported(String),
     #[error("{0}")]
     Other(String),
 }

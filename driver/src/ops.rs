@@ -6,7 +6,7 @@ use crate::config::Config;
 use crate::disk::{self, Paths};
 use crate::error::{io, Error, Result};
 use crate::images;
-use crate::model::{now_secs, validate_name, Flavor, Instance, ProcId, VmState};
+use crate::model::{now_secs, validate_hostname, validate_name, Flavor, Instance, ProcId, VmState};
 use crate::spec::{ExitRecord, InitRecord, RuntimeSpec, EXIT_FILE, INIT_FILE, REBOOT_FLAG};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -19,6 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 pub mod exec;
+mod password;
 mod rebuild;
 mod rescue;
 mod resize;
@@ -51,6 +52,9 @@ pub struct CreateRequest {
     /// Trusted workload: no user namespace, no seccomp (needs `allow_privileged`).
     #[serde(default)]
     pub privileged: bool,
+    /// The guest's hostname (default: `name`); Nova passes instance.hostname here.
+    #[serde(default)]
+    pub hostname: Option<String>,
     /// Metadata drive files: relative path -> base64 content (configdrive.rs).
     #[serde(default)]
     pub config_drive: Option<std::collections::BTreeMap<String, String>>,
@@ -139,6 +143,9 @@ impl Manager {
     /// Validates and records a new instance (state building); `power_on` boots it.
     pub fn create(&self, req: CreateRequest) -> Result<Instance> {
         validate_name(&req.name)?;
+        if let Some(h) = &req.hostname {
+            validate_hostname(h)?;
+        }
         req.flavor.validate()?;
         let sec = &self.cfg.security;
         let opts_out = req.privileged
@@ -207,6 +214,7 @@ impl Manager {
             booted_at: None,
             rescue: None,
             serial_port: None,
+            hostname: req.hostname.clone().filter(|h| *h != req.name),
         };
         let mut g = lock(&self.instances);
         if g.contains_key(&uuid) {
@@ -355,7 +363,7 @@ impl Manager {
         }
         let mut spec = RuntimeSpec {
             uuid: uuid.to_string(),
-            hostname: inst.name.clone(),
+            hostname: inst.guest_hostname().to_string(),
             rootfs,
             init: vec!["/sbin/init".into()],
             env: vec![
@@ -905,7 +913,7 @@ fn write_identity(rootfs: &Path, inst: &Instance) -> Result<()> {
             std::fs::remove_file(p).map_err(io(p))?;
         }
     }
-    std::fs::write(&hn, format!("{}\n", inst.name)).map_err(io(&hn))?;
+    std::fs::write(&hn, format!("{}\n", inst.guest_hostname())).map_err(io(&hn))?;
     // What we write as host root must belong to the guest's root, not to the overflow id.
     let owner = inst.idmap.filter(|_| inst.userns).map(|r| r.base);
     let give = |p: &Path| -> Result<()> {
