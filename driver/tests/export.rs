@@ -117,10 +117,21 @@ fn export_booted_instance_then_glance_import_and_boot() {
         assert_eq!(root.kind, "ext4");
         assert_eq!(root.uuid.as_deref(), Some(fs_uuid.as_str()));
         assert_eq!(root.start, 1 << 20, "partition 1 MiB aligned");
+        assert!(!insp.os.kernels.is_empty(), "kernel restored: {insp:?}");
+        let (boot, canon) = g
+            .resolve_path(b"/boot", true)
+            .expect("resolve")
+            .expect("/boot");
+        let names: Vec<String> = g
+            .list(&boot, &canon)
+            .expect("ls /boot")
+            .into_iter()
+            .map(|(n, _)| String::from_utf8_lossy(&n).into_owned())
+            .collect();
         assert!(
-            insp.os.kernels.iter().any(|k| k.contains("vmlinuz")),
-            "kernel restored: {:?}",
-            insp.os.kernels
+            names.iter().any(|n| n.starts_with("vmlinuz-"))
+                && names.iter().any(|n| n.starts_with("initrd.img-")),
+            "/boot/vmlinuz* and initrd restored: {names:?}"
         );
         assert_eq!(
             read(&g, "/root/exported.txt").as_deref(),

@@ -112,15 +112,25 @@ impl Drop for Frozen<'_> {
     }
 }
 
+/// Freezing is asynchronous (FREEZING / `frozen 0` until every task stopped).
 fn wait_frozen(cg: &crate::cgroups::Cgroups) -> Result<()> {
-    let events = cg.unified.join("cgroup.events");
-    if !events.exists() {
+    // The v1 freezer when the host has one (hybrid hosts freeze there), else cgroup2.
+    let v1 = cg
+        .dirs
+        .iter()
+        .map(|d| d.join("freezer.state"))
+        .find(|p| p.exists());
+    let (file, done) = match v1 {
+        Some(p) => (p, "FROZEN"),
+        None => (cg.unified.join("cgroup.events"), "frozen 1"),
+    };
+    if !file.exists() {
         return Ok(());
     }
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let s = std::fs::read_to_string(&events).map_err(io(&events))?;
-        if s.lines().any(|l| l == "frozen 1") {
+        let s = std::fs::read_to_string(&file).map_err(io(&file))?;
+        if s.lines().any(|l| l.trim() == done) {
             return Ok(());
         }
         if Instant::now() >= deadline {
