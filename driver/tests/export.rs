@@ -142,14 +142,15 @@ fn export_booted_instance_then_glance_import_and_boot() {
             .resolve(b"/root/owned.txt", false)
             .expect("resolve")
             .expect("owned.txt");
-        assert_eq!((owned.inode.uid, owned.inode.gid), (1000, 1000), "unshifted");
+        assert_eq!(
+            (owned.inode.uid, owned.inode.gid),
+            (1000, 1000),
+            "unshifted"
+        );
         let rootdir = g.resolve(b"/root", true).expect("resolve").expect("/root");
         assert_eq!(rootdir.inode.uid, 0, "/root owned by root again");
         let fstab = read(&g, "/etc/fstab").expect("fstab");
-        assert!(
-            fstab.contains(&format!("UUID={fs_uuid} / ext4")),
-            "{fstab}"
-        );
+        assert!(fstab.contains(&format!("UUID={fs_uuid} / ext4")), "{fstab}");
         assert!(!fstab.contains("# fatbox: block devices"), "{fstab}");
         assert_eq!(read(&g, "/etc/machine-id").as_deref(), Some(""));
         let modules = g.resolve(b"/lib/modules", true).expect("resolve");
@@ -211,11 +212,7 @@ fn export_booted_instance_then_glance_import_and_boot() {
             Some("export-marker-42\n")
         );
     }
-    let disk_img = d
-        .state_dir()
-        .join("instances")
-        .join(&uuid)
-        .join("disk.img");
+    let disk_img = d.state_dir().join("instances").join(&uuid).join("disk.img");
     assert!(
         driver::disk::loop_of(&disk_img).is_none(),
         "read-only loop mount released"

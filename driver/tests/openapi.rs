@@ -63,7 +63,10 @@ fn documented() -> BTreeMap<String, Vec<String>> {
             continue;
         }
         if let Some(k) = line.strip_prefix("  /") {
-            let k = k.trim_end().strip_suffix(':').expect("path key ends with ':'");
+            let k = k
+                .trim_end()
+                .strip_suffix(':')
+                .expect("path key ends with ':'");
             cur = Some(format!("/{k}"));
             out.entry(format!("/{k}")).or_default();
         } else if let (Some(p), Some(k)) = (&cur, line.strip_prefix("    ")) {
@@ -96,7 +99,10 @@ fn every_router_path_and_method_is_in_openapi() {
             }
         }
     }
-    assert!(missing.is_empty(), "not in driver/openapi.yaml: {missing:?}");
+    assert!(
+        missing.is_empty(),
+        "not in driver/openapi.yaml: {missing:?}"
+    );
     // And nothing documented that the router does not serve.
     let stale: Vec<&String> = d.keys().filter(|p| !r.contains_key(*p)).collect();
     assert!(stale.is_empty(), "documented but not routed: {stale:?}");

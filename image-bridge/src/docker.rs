@@ -86,16 +86,18 @@ fn extract(tarball: &Path, dir: &Path) -> Result<HashMap<String, Entry>> {
     let mut ar = tar::Archive::new(decompressed(f)?);
     let mut entries = HashMap::new();
     let mut n = 0usize;
-    for e in ar.entries().map_err(|e| bad(format!("not a tar archive: {e}")))? {
+    for e in ar
+        .entries()
+        .map_err(|e| bad(format!("not a tar archive: {e}")))?
+    {
         let mut e = e.map_err(|e| bad(format!("reading the archive: {e}")))?;
         n += 1;
         if n > MAX_ENTRIES {
             return Err(bad(format!("more than {MAX_ENTRIES} entries")));
         }
         let raw = String::from_utf8_lossy(&e.path_bytes()).into_owned();
-        let name = normalize(&raw).ok_or_else(|| {
-            bad(format!("entry {raw:?} is absolute or escapes the archive"))
-        })?;
+        let name = normalize(&raw)
+            .ok_or_else(|| bad(format!("entry {raw:?} is absolute or escapes the archive")))?;
         let kind = e.header().entry_type();
         let entry = if kind.is_dir() {
             continue;
@@ -119,9 +121,8 @@ fn extract(tarball: &Path, dir: &Path) -> Result<HashMap<String, Entry>> {
             } else {
                 t.clone()
             };
-            let target = normalize(&joined).ok_or_else(|| {
-                bad(format!("{name}: link target {t:?} escapes the archive"))
-            })?;
+            let target = normalize(&joined)
+                .ok_or_else(|| bad(format!("{name}: link target {t:?} escapes the archive")))?;
             Entry::Link(target)
         } else if kind == tar::EntryType::XGlobalHeader || kind == tar::EntryType::XHeader {
             continue;
@@ -149,7 +150,9 @@ fn read_json(entries: &HashMap<String, Entry>, name: &str) -> Result<(Vec<u8>, s
     let p = resolve(entries, name)?;
     let len = std::fs::metadata(p).map_err(io(p))?.len();
     if len > MAX_JSON {
-        return Err(bad(format!("{name}: {len} bytes, more than a JSON document here may be")));
+        return Err(bad(format!(
+            "{name}: {len} bytes, more than a JSON document here may be"
+        )));
     }
     let data = std::fs::read(p).map_err(io(p))?;
     let v = serde_json::from_slice(&data).map_err(|e| bad(format!("{name}: {e}")))?;
@@ -175,13 +178,12 @@ pub fn import(tarball: &Path, work: &Path, layout_dir: &Path, name: &str) -> Res
     let xdir = work.join("docker");
     std::fs::create_dir_all(&xdir).map_err(io(&xdir))?;
     let entries = extract(tarball, &xdir)?;
-    let (_, manifest) = read_json(&entries, "manifest.json")
-        .map_err(|e| match e {
-            Error::Invalid(m) if m.contains("not in the tarball") => {
-                bad("no manifest.json (not a docker save tarball)")
-            }
-            e => e,
-        })?;
+    let (_, manifest) = read_json(&entries, "manifest.json").map_err(|e| match e {
+        Error::Invalid(m) if m.contains("not in the tarball") => {
+            bad("no manifest.json (not a docker save tarball)")
+        }
+        e => e,
+    })?;
     let images = manifest
         .as_array()
         .ok_or_else(|| bad("manifest.json is not a list"))?;
@@ -202,7 +204,10 @@ pub fn import(tarball: &Path, work: &Path, layout_dir: &Path, name: &str) -> Res
         .as_array()
         .ok_or_else(|| bad("manifest.json: no Layers list"))?
         .iter()
-        .map(|l| l.as_str().ok_or_else(|| bad("manifest.json: a layer is not a string")))
+        .map(|l| {
+            l.as_str()
+                .ok_or_else(|| bad("manifest.json: a layer is not a string"))
+        })
         .collect::<Result<_>>()?;
     if layer_names.is_empty() {
         return Err(bad("manifest.json: no layers"));

@@ -82,7 +82,12 @@ struct Parts {
 fn parts() -> Parts {
     let layer1 = tar_of(&[
         ("etc/", None, 0o755, 0),
-        ("etc/os-release", Some(b"ID=debian\nVERSION_ID=\"12\"\n"), 0o644, 0),
+        (
+            "etc/os-release",
+            Some(b"ID=debian\nVERSION_ID=\"12\"\n"),
+            0o644,
+            0,
+        ),
         ("etc/marker", Some(b"docker-1"), 0o644, 0),
         ("etc/remove-me", Some(b"x"), 0o644, 0),
         ("usr/", None, 0o755, 0),
@@ -176,7 +181,13 @@ fn docker_save_tarball_layers_imported_as_they_are() {
     let work = tempfile::tempdir().expect("tmp");
     let p = parts();
     // docker save | gzip: the outer tarball compressed too.
-    let id = upload(&rt, &g, work.path(), "tiny", &gzip(&docker_save(&p, None, &[])));
+    let id = upload(
+        &rt,
+        &g,
+        work.path(),
+        "tiny",
+        &gzip(&docker_save(&p, None, &[])),
+    );
     let cdir = work.path().join("cache");
     let cache = Arc::new(
         LayerCache::open(
@@ -196,8 +207,14 @@ fn docker_save_tarball_layers_imported_as_they_are() {
         ]
     );
     let (l1, l2) = (&img.layer_dirs[0], &img.layer_dirs[1]);
-    assert_eq!(std::fs::read(l1.join("etc/marker")).expect("m1"), b"docker-1");
-    assert_eq!(std::fs::read(l2.join("etc/marker")).expect("m2"), b"docker-2");
+    assert_eq!(
+        std::fs::read(l1.join("etc/marker")).expect("m1"),
+        b"docker-1"
+    );
+    assert_eq!(
+        std::fs::read(l2.join("etc/marker")).expect("m2"),
+        b"docker-2"
+    );
     let tool = std::fs::metadata(l1.join("usr/bin/tool")).expect("tool");
     assert_eq!((tool.uid(), tool.mode() & 0o7777), (1000, 0o755));
     // Docker whiteouts became overlay ones.
@@ -255,7 +272,11 @@ fn malformed_docker_tarballs_are_refused_and_nothing_cached() {
             docker_save(&bad_diff, None, &[]),
             "the config says",
         ),
-        ("not-a-tar", b"just some bytes, no tar".repeat(40), "docker save tarball"),
+        (
+            "not-a-tar",
+            b"just some bytes, no tar".repeat(40),
+            "docker save tarball",
+        ),
     ];
     let cdir = work.path().join("cache");
     let cache = Arc::new(
@@ -267,9 +288,7 @@ fn malformed_docker_tarballs_are_refused_and_nothing_cached() {
     );
     for (name, data, want) in cases {
         let id = upload(&rt, &g, work.path(), name, &data);
-        let e = rt
-            .block_on(cache.ensure_image(&id, None))
-            .expect_err(name);
+        let e = rt.block_on(cache.ensure_image(&id, None)).expect_err(name);
         assert!(matches!(e, Error::Invalid(_)), "{name}: {e:?}");
         assert!(e.to_string().contains(want), "{name}: {e}");
         assert!(cache.lookup(&id).expect("lookup").is_none(), "{name}");

@@ -365,15 +365,15 @@ async fn run(args: Args) -> anyhow::Result<i32> {
             let out = if qcow2.is_absolute() {
                 qcow2
             } else {
-                std::env::current_dir()
-                    .context("current dir")?
-                    .join(qcow2)
+                std::env::current_dir().context("current dir")?.join(qcow2)
             };
             let v = call(
                 &c,
                 "POST",
                 &format!("/v1/instances/{}/export", path_id(&instance)?),
-                Some(json!({"path": out, "format": "qcow2", "size_gb": size_gb, "overwrite": force})),
+                Some(
+                    json!({"path": out, "format": "qcow2", "size_gb": size_gb, "overwrite": force}),
+                ),
             )
             .await?;
             if json {

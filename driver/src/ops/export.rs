@@ -85,8 +85,7 @@ impl Drop for Work {
     fn drop(&mut self) {
         for m in self.mounts.iter().rev() {
             while disk::is_mountpoint(m) {
-                if let Err(e) = nix::mount::umount2(m.as_path(), nix::mount::MntFlags::MNT_DETACH)
-                {
+                if let Err(e) = nix::mount::umount2(m.as_path(), nix::mount::MntFlags::MNT_DETACH) {
                     tracing::warn!(mount = %m.display(), error = %e, "export: unmounting");
                     break;
                 }
@@ -254,7 +253,10 @@ impl Manager {
 
         // Sizes: the flavor's disk, or more when the tree needs it (ext4 metadata, journal,
         // reserved blocks, some room to grow).
-        let want = req.size_gb.unwrap_or(inst.flavor.root_gb).saturating_mul(1 << 30);
+        let want = req
+            .size_gb
+            .unwrap_or(inst.flavor.root_gb)
+            .saturating_mul(1 << 30);
         let need = tree_bytes + tree_bytes / 4 + inodes * 512 + 256 * MIB;
         let fs_bytes = want.max(need).div_ceil(MIB) * MIB;
         let disk_bytes = fs_bytes + 2 * MIB;
@@ -279,7 +281,13 @@ impl Manager {
         // The staging tree is no longer needed: free its space before the qcow2 is written.
         std::fs::remove_dir_all(&root).map_err(io(&root))?;
         let part_uuid = uuid::Uuid::new_v4();
-        write_gpt(&raw, disk_bytes, MIB / SECTOR, fs_bytes / SECTOR, &part_uuid)?;
+        write_gpt(
+            &raw,
+            disk_bytes,
+            MIB / SECTOR,
+            fs_bytes / SECTOR,
+            &part_uuid,
+        )?;
 
         let t = Instant::now();
         let tmp_out = work.dir.join("out.qcow2");
@@ -450,9 +458,7 @@ fn xattr_names(p: &Path) -> Result<Vec<String>> {
     let n = loop {
         match rustix::fs::llistxattr(p, &mut buf[..]) {
             Ok(n) => break n,
-            Err(rustix::io::Errno::RANGE) if buf.len() < (1 << 20) => {
-                buf.resize(buf.len() * 4, 0)
-            }
+            Err(rustix::io::Errno::RANGE) if buf.len() < (1 << 20) => buf.resize(buf.len() * 4, 0),
             Err(rustix::io::Errno::NOTSUP) => return Ok(Vec::new()),
             Err(e) => return Err(Error::io(p, e.into())),
         }
@@ -472,9 +478,7 @@ fn xattr_get(p: &Path, name: &str) -> Result<Option<Vec<u8>>> {
                 buf.truncate(n);
                 return Ok(Some(buf));
             }
-            Err(rustix::io::Errno::RANGE) if buf.len() < (1 << 20) => {
-                buf.resize(buf.len() * 4, 0)
-            }
+            Err(rustix::io::Errno::RANGE) if buf.len() < (1 << 20) => buf.resize(buf.len() * 4, 0),
             Err(rustix::io::Errno::NODATA) | Err(rustix::io::Errno::NOTSUP) => return Ok(None),
             Err(e) => return Err(Error::io(p, e.into())),
         }
@@ -772,12 +776,20 @@ fn guid_bytes(u: &uuid::Uuid) -> [u8; 16] {
 }
 
 /// Protective MBR, primary and backup GPT with one partition `[first, first+sectors)`.
-fn write_gpt(raw: &Path, disk_bytes: u64, first: u64, sectors: u64, part: &uuid::Uuid) -> Result<()> {
+fn write_gpt(
+    raw: &Path,
+    disk_bytes: u64,
+    first: u64,
+    sectors: u64,
+    part: &uuid::Uuid,
+) -> Result<()> {
     let lbas = disk_bytes / SECTOR;
     let last = lbas - 1;
     let part_last = first + sectors - 1;
     if part_last > last - GPT_SECTORS || first < 2 + GPT_SECTORS - 1 {
-        return Err(Error::Other("GPT: partition outside the usable area".into()));
+        return Err(Error::Other(
+            "GPT: partition outside the usable area".into(),
+        ));
     }
     let mut mbr = vec![0u8; 512];
     let e = &mut mbr[446..462];
@@ -846,9 +858,17 @@ mod tests {
              {FSTAB_MARK}/dev/sda3 none swap sw 0 0\ntmpfs /tmp tmpfs defaults 0 0\n"
         );
         let (t, notes) = rewrite_fstab(&old, &u);
-        assert!(t.contains(&format!("UUID={u} / ext4 errors=remount-ro 0 1\n")), "{t}");
+        assert!(
+            t.contains(&format!("UUID={u} / ext4 errors=remount-ro 0 1\n")),
+            "{t}"
+        );
         assert!(!t.contains(FSTAB_MARK), "{t}");
-        assert!(t.contains("# fatbox export: not on this one-partition disk (merged into /): UUID=def /boot"), "{t}");
+        assert!(
+            t.contains(
+                "# fatbox export: not on this one-partition disk (merged into /): UUID=def /boot"
+            ),
+            "{t}"
+        );
         assert!(t.contains("merged into /): /dev/sda3 none swap"), "{t}");
         assert!(t.contains("\ntmpfs /tmp tmpfs defaults 0 0\n"), "{t}");
         assert_eq!(notes.len(), 2);
@@ -876,7 +896,10 @@ mod tests {
         v3.extend_from_slice(&100_000u32.to_le_bytes());
         let v2 = caps_to_v2(&v3);
         assert_eq!(v2.len(), 20);
-        assert_eq!(u32::from_le_bytes([v2[0], v2[1], v2[2], v2[3]]), 0x0200_0001);
+        assert_eq!(
+            u32::from_le_bytes([v2[0], v2[1], v2[2], v2[3]]),
+            0x0200_0001
+        );
         assert_eq!(&v2[4..], &[7u8; 16]);
     }
 
@@ -901,7 +924,10 @@ mod tests {
         assert_eq!(v["partitiontable"]["label"], "gpt");
         assert_eq!(part["start"], 2048);
         assert_eq!(part["size"], (size - 2 * MIB) / SECTOR);
-        assert_eq!(part["type"].as_str().map(str::to_lowercase).as_deref(), Some(ROOT_TYPE));
+        assert_eq!(
+            part["type"].as_str().map(str::to_lowercase).as_deref(),
+            Some(ROOT_TYPE)
+        );
         assert_eq!(
             part["uuid"].as_str().map(str::to_lowercase),
             Some(p.to_string())
