@@ -34,6 +34,10 @@ use std::time::{Instant, SystemTime};
 
 const REF_PREFIX: &str = "glance-";
 
+/// What a conversion or a docker import left in the work layout: the manifest, the config
+/// digest and the layers (digest, blob size), bottom first.
+type Filled = (oci_spec::image::Descriptor, String, Vec<(String, u64)>);
+
 #[derive(Debug, Clone)]
 pub struct CacheOptions {
     pub dir: PathBuf,
@@ -501,6 +505,7 @@ impl LayerCache {
         Ok(img)
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn convert_and_commit(
         &self,
         id: &str,
@@ -551,7 +556,7 @@ impl LayerCache {
         disk_format: &str,
         slow: bool,
         progress: &ProgressFn,
-    ) -> Result<(oci_spec::image::Descriptor, String, Vec<(String, u64)>)> {
+    ) -> Result<Filled> {
         let src = work.join("source");
         let disk = if slow {
             let raw = work.join("source.raw");
