@@ -81,6 +81,7 @@ pub fn router(m: Mgr) -> Router {
         .route("/v1/instances/{id}", get(show).delete(delete))
         .route("/v1/instances/{id}/actions", post(action))
         .route("/v1/instances/{id}/console", get(console))
+        .route("/v1/instances/{id}/export", post(export_instance))
         .route(
             "/v1/instances/{id}/console/attach",
             get(crate::console::attach),
@@ -202,6 +203,16 @@ async fn action(
     })
     .await?;
     Ok(Json(inst.view()))
+}
+
+/// Writes the instance as a flat VM disk at a host path (blocking until done).
+async fn export_instance(
+    State(m): State<Mgr>,
+    Path(id): Path<String>,
+    Json(req): Json<crate::ops::ExportRequest>,
+) -> ApiResult<Json<Value>> {
+    let rep = blocking(move || m.export(&id, &req)).await?;
+    Ok(Json(json!(rep)))
 }
 
 async fn list_interfaces(State(m): State<Mgr>, Path(id): Path<String>) -> ApiResult<Json<Value>> {

@@ -148,6 +148,28 @@ fn attach_loop(image: &Path) -> Result<(std::fs::File, PathBuf)> {
     )))
 }
 
+/// Mounts an instance disk that nothing else has mounted read-only at `mnt` (export of a
+/// stopped instance); the loop device goes away with the unmount (autoclear).
+pub fn mount_disk_ro(image: &Path, mnt: &Path) -> Result<()> {
+    if let Some(d) = loop_of(image) {
+        return Err(Error::Conflict(format!(
+            "{} is attached to {}: not mounting it twice",
+            image.display(),
+            d.display()
+        )));
+    }
+    let (loopf, dev) = attach_loop(image)?;
+    let r = mount(
+        Some(&dev),
+        mnt,
+        Some("ext4"),
+        MsFlags::MS_RDONLY | MsFlags::MS_NOATIME,
+        None::<&str>,
+    );
+    drop(loopf);
+    r.map_err(|e| Error::sys(format!("mount {} on {}", dev.display(), mnt.display()), e))
+}
+
 pub fn is_mountpoint(path: &Path) -> bool {
     let Ok(m) = std::fs::read_to_string("/proc/self/mountinfo") else {
         return false;

@@ -20,11 +20,13 @@ use std::time::{Duration, Instant};
 
 pub mod exec;
 mod password;
+mod export;
 mod rebuild;
 mod rescue;
 mod resize;
 mod suspend;
 
+pub use export::{ExportReport, ExportRequest};
 pub use rebuild::RebuildRequest;
 pub use rescue::RescueRequest;
 pub use resize::ResizeRequest;

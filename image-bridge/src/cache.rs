@@ -34,6 +34,10 @@ use std::time::{Instant, SystemTime};
 
 const REF_PREFIX: &str = "glance-";
 
+/// What a conversion or a docker import left in the work layout: the manifest, the config
+/// digest and the layers (digest, blob size), bottom first.
+type Filled = (oci_spec::image::Descriptor, String, Vec<(String, u64)>);
+
 #[derive(Debug, Clone)]
 pub struct CacheOptions {
     pub dir: PathBuf,
@@ -74,6 +78,9 @@ pub struct CachedImage {
     /// Bottom first.
     pub layers: Vec<CachedLayer>,
     pub disk_format: String,
+    /// Glance's container_format ("docker": a docker save tarball imported as it is).
+    #[serde(default)]
+    pub container_format: Option<String>,
     pub source_size: u64,
     pub hash_algo: Option<String>,
     pub hash_value: Option<String>,
@@ -444,12 +451,10 @@ impl LayerCache {
         }
         let disk_format = meta.disk_format.clone().unwrap_or_default();
         let container_format = meta.container_format.clone().unwrap_or_default();
-        if container_format == "docker" {
-            return Err(Error::Unsupported(format!(
-                "image {id}: container_format docker (docker save tarballs) is not supported yet"
-            )));
-        }
+        // A docker save tarball carries its own layers: disk_format says nothing about it.
+        let docker = container_format == "docker";
         let slow = match disk_format.as_str() {
+            _ if docker => false,
             "qcow2" | "raw" => false,
             "vmdk" | "vdi" | "vhd" | "vhdx" | "qed" => true,
             other => {
@@ -486,7 +491,7 @@ impl LayerCache {
         let wp = work.path.clone();
         let p3 = progress.clone();
         let img = tokio::task::spawn_blocking(move || {
-            me.convert_and_commit(&idc, &meta, &wp, &disk_format, slow, p3)
+            me.convert_and_commit(&idc, &meta, &wp, &disk_format, slow, docker, p3)
         })
         .await
         .map_err(|e| Error::Cache(format!("conversion task: {e}")))??;
@@ -500,6 +505,7 @@ impl LayerCache {
         Ok(img)
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn convert_and_commit(
         &self,
         id: &str,
@@ -507,8 +513,50 @@ impl LayerCache {
         work: &Path,
         disk_format: &str,
         slow: bool,
+        docker: bool,
         progress: ProgressFn,
     ) -> Result<CachedImage> {
+        let src = work.join("source");
+        let name = format!("{REF_PREFIX}{id}");
+        let oci_dir = work.join("oci");
+        let (desc, config_digest, layer_list) = if docker {
+            let t0 = Instant::now();
+            let imp = crate::docker::import(&src, work, &oci_dir, &name)?;
+            tracing::info!(
+                image = id,
+                layers = imp.layers.len(),
+                tags = ?imp.repo_tags,
+                seconds = t0.elapsed().as_secs_f64(),
+                "docker save tarball imported (layers as they are)"
+            );
+            let _ = std::fs::remove_file(&src);
+            (imp.manifest, imp.config_digest, imp.layers)
+        } else {
+            self.convert_disk(id, work, disk_format, slow, &progress)?
+        };
+        let work_layout = Layout::open(&oci_dir)?;
+        self.unpack_and_commit(
+            id,
+            meta,
+            work,
+            &work_layout,
+            desc,
+            config_digest,
+            layer_list,
+            disk_format,
+            progress,
+        )
+    }
+
+    /// fatbox-img conversion of a VM disk: (manifest, config digest, layers).
+    fn convert_disk(
+        &self,
+        id: &str,
+        work: &Path,
+        disk_format: &str,
+        slow: bool,
+        progress: &ProgressFn,
+    ) -> Result<Filled> {
         let src = work.join("source");
         let disk = if slow {
             let raw = work.join("source.raw");
@@ -580,25 +628,53 @@ impl LayerCache {
         let _ = std::fs::remove_file(&disk);
         let work_layout = Layout::open(&oci_dir)?;
         let (desc, _) = work_layout.manifest(Some(&name))?;
+        let layers = report
+            .layers
+            .iter()
+            .map(|l| (l.digest.clone(), l.size))
+            .collect();
+        Ok((desc, report.config_digest, layers))
+    }
+
+    /// Unpacks the new layers in the work dir, then commits blobs, layer dirs and the record.
+    #[allow(clippy::too_many_arguments)]
+    fn unpack_and_commit(
+        &self,
+        id: &str,
+        meta: &ImageMeta,
+        work: &Path,
+        work_layout: &Layout,
+        desc: oci_spec::image::Descriptor,
+        config_digest: String,
+        layer_list: Vec<(String, u64)>,
+        disk_format: &str,
+        progress: ProgressFn,
+    ) -> Result<CachedImage> {
+        let name = format!("{REF_PREFIX}{id}");
         // Unpack into the work dir: only renames happen under the cache lock.
         let mut unpacked = Vec::new();
-        for (i, l) in report.layers.iter().enumerate() {
+        for (i, (digest, _)) in layer_list.iter().enumerate() {
             progress(Progress {
                 phase: "unpack".into(),
                 done: i as u64,
-                total: Some(report.layers.len() as u64),
+                total: Some(layer_list.len() as u64),
             });
-            let hex = hex_of(&l.digest)?;
+            let hex = hex_of(digest)?;
             if self.p("layers").join(hex).is_dir() {
-                unpacked.push((l.digest.clone(), None, 0));
+                unpacked.push((digest.clone(), None, 0));
                 continue;
             }
             let dest = work.join(format!("unpack-{hex}"));
+            if dest.exists() {
+                // The same layer twice in one image: unpacked once.
+                unpacked.push((digest.clone(), None, 0));
+                continue;
+            }
             std::fs::create_dir(&dest).map_err(io(&dest))?;
-            let mut r = work_layout.open_blob(&l.digest)?;
+            let mut r = work_layout.open_blob(digest)?;
             let stats = oci::unpack_layer(&mut r, &dest, UnpackMode::Overlay)?;
             r.verify()?;
-            unpacked.push((l.digest.clone(), Some(dest), stats.bytes));
+            unpacked.push((digest.clone(), Some(dest), stats.bytes));
         }
         progress(Progress {
             phase: "commit".into(),
@@ -622,7 +698,7 @@ impl LayerCache {
         fsync_dir(&blobs)?;
         let layers_dir = self.p("layers");
         let mut layers = Vec::new();
-        for ((digest, tmp, bytes), info) in unpacked.into_iter().zip(&report.layers) {
+        for ((digest, tmp, bytes), (_, size)) in unpacked.into_iter().zip(&layer_list) {
             let target = self.layer_dir(&digest)?;
             let bytes = match tmp {
                 Some(t) if !target.exists() => {
@@ -633,7 +709,7 @@ impl LayerCache {
             };
             layers.push(CachedLayer {
                 digest,
-                size: info.size,
+                size: *size,
                 unpacked_bytes: bytes,
             });
         }
@@ -643,9 +719,10 @@ impl LayerCache {
             glance_id: id.to_string(),
             name: meta.name.clone(),
             manifest_digest: desc.digest().to_string(),
-            config_digest: report.config_digest.clone(),
+            config_digest,
             layers,
             disk_format: disk_format.to_string(),
+            container_format: meta.container_format.clone(),
             source_size: meta.size.unwrap_or(0),
             hash_algo: meta.expected_hash().map(|h| h.0),
             hash_value: meta.expected_hash().map(|h| h.1),

@@ -9,6 +9,7 @@
 //!   callers ask at once, crash-safe, LRU-evicted under a size cap except what is pinned.
 
 pub mod cache;
+pub mod docker;
 pub mod error;
 pub mod glance;
 pub mod hash;

@@ -203,6 +203,21 @@ enum ImageCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Write an instance as a flat VM disk (GPT + ext4, qcow2 v3, no backing file).
+    Export {
+        instance: String,
+        /// The qcow2 file to write.
+        #[arg(long, value_name = "OUT")]
+        qcow2: PathBuf,
+        /// Virtual disk size in GiB (default: the flavor's disk, or what the tree needs).
+        #[arg(long)]
+        size_gb: Option<u64>,
+        /// Replace OUT if it exists.
+        #[arg(long)]
+        force: bool,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() {
@@ -347,6 +362,45 @@ async fn run(args: Args) -> anyhow::Result<i32> {
         Cmd::Image {
             cmd: ImageCmd::Pull { glance_id, json },
         } => return pull(&c, &glance_id, json).await,
+        Cmd::Image {
+            cmd:
+                ImageCmd::Export {
+                    instance,
+                    qcow2,
+                    size_gb,
+                    force,
+                    json,
+                },
+        } => {
+            // fatboxd writes the file: it needs an absolute path, not the CLI's cwd.
+            let out = if qcow2.is_absolute() {
+                qcow2
+            } else {
+                std::env::current_dir().context("current dir")?.join(qcow2)
+            };
+            let v = call(
+                &c,
+                "POST",
+                &format!("/v1/instances/{}/export", path_id(&instance)?),
+                Some(
+                    json!({"path": out, "format": "qcow2", "size_gb": size_gb, "overwrite": force}),
+                ),
+            )
+            .await?;
+            if json {
+                println!("{v:#}");
+            } else {
+                println!(
+                    "{}: {} MiB qcow2, {} GiB virtual, / = UUID={} (frozen {} ms, total {} ms)",
+                    out.display(),
+                    v["file_size"].as_u64().unwrap_or(0) >> 20,
+                    v["virtual_size"].as_u64().unwrap_or(0) >> 30,
+                    v["filesystem_uuid"].as_str().unwrap_or_default(),
+                    v["frozen_ms"],
+                    v["total_ms"],
+                );
+            }
+        }
         Cmd::Image {
             cmd: ImageCmd::Fsck { json },
         } => {
