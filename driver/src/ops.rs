@@ -19,8 +19,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 pub mod exec;
-mod password;
 mod export;
+mod password;
 mod rebuild;
 mod rescue;
 mod resize;
