@@ -79,6 +79,7 @@ pub fn router(m: Mgr) -> Router {
         .route("/v1/instances/{id}", get(show).delete(delete))
         .route("/v1/instances/{id}/actions", post(action))
         .route("/v1/instances/{id}/console", get(console))
+        .route("/v1/instances/{id}/snapshot", post(snapshot))
         .route(
             "/v1/instances/{id}/interfaces",
             get(list_interfaces).post(attach_interface),
@@ -182,6 +183,22 @@ async fn action(
     })
     .await?;
     Ok(Json(inst.view()))
+}
+
+/// Snapshot to Glance; answers when the image is active (Nova's snapshot waits for it too).
+async fn snapshot(
+    State(m): State<Mgr>,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> ApiResult<Json<Value>> {
+    let req: crate::ops::SnapshotRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        Default::default()
+    } else {
+        serde_json::from_slice(&body)
+            .map_err(|e| ApiError(Error::Invalid(format!("snapshot request: {e}"))))?
+    };
+    let r = blocking(move || m.snapshot(&id, &req)).await?;
+    Ok(Json(json!(r)))
 }
 
 async fn list_interfaces(State(m): State<Mgr>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
