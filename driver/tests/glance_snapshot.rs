@@ -91,8 +91,17 @@ fn snapshot_running_and_shutoff_instances_and_boot_them_elsewhere() {
     let d2 = Daemon::start();
     let c1 = d2
         .ok(&[
-            "run", "--image", &snap_id, "--name", "snap-copy", "--vcpus", "1", "--memory", "512",
-            "--disk", "2",
+            "run",
+            "--image",
+            &snap_id,
+            "--name",
+            "snap-copy",
+            "--vcpus",
+            "1",
+            "--memory",
+            "512",
+            "--disk",
+            "2",
         ])
         .trim()
         .to_string();
@@ -129,8 +138,17 @@ fn snapshot_running_and_shutoff_instances_and_boot_them_elsewhere() {
     let s2_id = s2["image_id"].as_str().expect("id");
     let c2 = d2
         .ok(&[
-            "run", "--image", s2_id, "--name", "snap-copy2", "--vcpus", "1", "--memory", "256",
-            "--disk", "2",
+            "run",
+            "--image",
+            s2_id,
+            "--name",
+            "snap-copy2",
+            "--vcpus",
+            "1",
+            "--memory",
+            "256",
+            "--disk",
+            "2",
         ])
         .trim()
         .to_string();
@@ -149,15 +167,28 @@ fn snapshot_running_and_shutoff_instances_and_boot_them_elsewhere() {
     d1.import_fixture("local-img");
     let loc = d1
         .ok(&[
-            "run", "--image", "local-img", "--name", "loc", "--vcpus", "1", "--memory", "256",
-            "--disk", "1", "--no-wait",
+            "run",
+            "--image",
+            "local-img",
+            "--name",
+            "loc",
+            "--vcpus",
+            "1",
+            "--memory",
+            "256",
+            "--disk",
+            "1",
+            "--no-wait",
         ])
         .trim()
         .to_string();
     let o = d1.fatbox(&["snapshot", "loc"]);
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(err.contains("409") && err.contains("Glance-backed"), "{err}");
+    assert!(
+        err.contains("409") && err.contains("Glance-backed"),
+        "{err}"
+    );
     d1.ok(&["delete", &loc]);
 
     d2.ok(&["delete", &c2]);

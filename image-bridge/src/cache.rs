@@ -400,8 +400,7 @@ impl LayerCache {
         id: &'a str,
         progress: Option<ProgressFn>,
         chain: Vec<String>,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<CachedImage>> + Send + 'a>>
-    {
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<CachedImage>> + Send + 'a>> {
         Box::pin(async move { self.ensure_inner(id, progress, chain).await })
     }
 
@@ -889,20 +888,21 @@ impl LayerCache {
             "created_by": format!("fatbox snapshot {id} of {}", snap.parent),
             "comment": meta.name.clone().unwrap_or_default(),
         });
-        match conf.get_mut("history").and_then(serde_json::Value::as_array_mut) {
+        match conf
+            .get_mut("history")
+            .and_then(serde_json::Value::as_array_mut)
+        {
             Some(h) => h.push(entry),
             None => conf["history"] = serde_json::json!([entry]),
         }
-        let config_desc = layout.put_blob(
-            oci_spec::image::MediaType::ImageConfig,
-            &oci::json(&conf)?,
-        )?;
+        let config_desc =
+            layout.put_blob(oci_spec::image::MediaType::ImageConfig, &oci::json(&conf)?)?;
         let pman: serde_json::Value =
             serde_json::from_slice(&layout.read_blob(&parent.manifest_digest)?)
                 .map_err(|e| Error::Cache(format!("parent manifest: {e}")))?;
         let mut man = pman;
-        man["config"] = serde_json::to_value(&config_desc)
-            .map_err(|e| Error::Cache(e.to_string()))?;
+        man["config"] =
+            serde_json::to_value(&config_desc).map_err(|e| Error::Cache(e.to_string()))?;
         let layer_desc = oci::descriptor(
             oci_spec::image::MediaType::ImageLayerZstd,
             digest,
@@ -910,16 +910,17 @@ impl LayerCache {
                 .map_err(io(&target_blob))?
                 .len(),
         )?;
-        match man.get_mut("layers").and_then(serde_json::Value::as_array_mut) {
-            Some(l) => l.push(
-                serde_json::to_value(&layer_desc).map_err(|e| Error::Cache(e.to_string()))?,
-            ),
+        match man
+            .get_mut("layers")
+            .and_then(serde_json::Value::as_array_mut)
+        {
+            Some(l) => {
+                l.push(serde_json::to_value(&layer_desc).map_err(|e| Error::Cache(e.to_string()))?)
+            }
             None => return Err(Error::Cache("parent manifest has no layers".into())),
         }
-        let man_desc = layout.put_blob(
-            oci_spec::image::MediaType::ImageManifest,
-            &oci::json(&man)?,
-        )?;
+        let man_desc =
+            layout.put_blob(oci_spec::image::MediaType::ImageManifest, &oci::json(&man)?)?;
         layout.tag(man_desc.clone(), &format!("{REF_PREFIX}{id}"))?;
         let mut layers = parent.layers.clone();
         layers.push(CachedLayer {

@@ -232,7 +232,8 @@ impl<W: std::io::Write> Walker<'_, W> {
                 }
                 wh.extend_from_slice(b".wh.");
                 wh.extend_from_slice(name.as_bytes());
-                self.tar.append(&EntryMeta::new(&wh, Kind::File, 0o644), &[])?;
+                self.tar
+                    .append(&EntryMeta::new(&wh, Kind::File, 0o644), &[])?;
                 self.out.whiteouts += 1;
                 continue;
             }
@@ -308,7 +309,8 @@ impl<W: std::io::Write> Walker<'_, W> {
                 if opaque {
                     let mut o = r.clone();
                     o.extend_from_slice(b"/.wh..wh..opq");
-                    self.tar.append(&EntryMeta::new(&o, Kind::File, 0o644), &[])?;
+                    self.tar
+                        .append(&EntryMeta::new(&o, Kind::File, 0o644), &[])?;
                     self.out.opaque_dirs += 1;
                 }
                 self.walk(&path, &r)?;
@@ -403,7 +405,10 @@ pub fn snapshot_properties(req: &PublishRequest, layer: &LayerBuild) -> Result<M
     layers.push(layer.digest.clone());
     props.insert(PROP_PARENT.into(), Value::String(req.parent.clone()));
     props.insert(PROP_LAYERS.into(), Value::String(layers.join(",")));
-    props.insert(PROP_LAYER_DIGEST.into(), Value::String(layer.digest.clone()));
+    props.insert(
+        PROP_LAYER_DIGEST.into(),
+        Value::String(layer.digest.clone()),
+    );
     props.insert(PROP_DIFF_ID.into(), Value::String(layer.diff_id.clone()));
     props.insert(PROP_FORMAT.into(), Value::String(FORMAT.into()));
     Ok(props)

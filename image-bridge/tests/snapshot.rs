@@ -50,15 +50,31 @@ fn make_upper(dir: &Path, tag: &str) {
         std::fs::create_dir_all(dir.join(d)).expect("mkdir");
     }
     // What the guest's root creates is owned by BASE on the host.
-    for d in ["etc", "etc/ssh", "home", "home/user", "opt", "root", "root/.ssh"] {
+    for d in [
+        "etc",
+        "etc/ssh",
+        "home",
+        "home/user",
+        "opt",
+        "root",
+        "root/.ssh",
+    ] {
         std::os::unix::fs::chown(dir.join(d), Some(host(0)), Some(host(0))).expect("chown");
     }
-    std::fs::write(dir.join("etc/new-file"), format!("written in the instance {tag}\n"))
-        .expect("write");
-    std::os::unix::fs::chown(dir.join("etc/new-file"), Some(host(0)), Some(host(0))).expect("chown");
-    std::fs::write(dir.join("home/user/owned"), "mine\n").expect("write");
-    std::os::unix::fs::chown(dir.join("home/user/owned"), Some(host(1000)), Some(host(1000)))
+    std::fs::write(
+        dir.join("etc/new-file"),
+        format!("written in the instance {tag}\n"),
+    )
+    .expect("write");
+    std::os::unix::fs::chown(dir.join("etc/new-file"), Some(host(0)), Some(host(0)))
         .expect("chown");
+    std::fs::write(dir.join("home/user/owned"), "mine\n").expect("write");
+    std::os::unix::fs::chown(
+        dir.join("home/user/owned"),
+        Some(host(1000)),
+        Some(host(1000)),
+    )
+    .expect("chown");
     std::os::unix::fs::chown(dir.join("home/user"), Some(host(1000)), Some(host(1000)))
         .expect("chown");
     // A hard link pair.
@@ -66,7 +82,7 @@ fn make_upper(dir: &Path, tag: &str) {
     // Whiteout: the image's /etc/marker was deleted.
     rustix::fs::mknodat(
         rustix::fs::CWD,
-        &dir.join("etc/marker"),
+        dir.join("etc/marker"),
         rustix::fs::FileType::CharacterDevice,
         rustix::fs::Mode::empty(),
         0,
@@ -74,7 +90,7 @@ fn make_upper(dir: &Path, tag: &str) {
     .expect("mknod whiteout");
     // Opaque: /opt was removed and made again (the image's payload hidden).
     rustix::fs::setxattr(
-        &dir.join("opt"),
+        dir.join("opt"),
         "trusted.overlay.opaque",
         b"y",
         rustix::fs::XattrFlags::empty(),
@@ -87,8 +103,11 @@ fn make_upper(dir: &Path, tag: &str) {
     // Identity: dropped from the layer.
     std::fs::write(dir.join("etc/hostname"), "inst-1\n").expect("write");
     std::fs::write(dir.join("etc/ssh/ssh_host_ed25519_key"), "secret").expect("write");
-    std::fs::write(dir.join("root/.ssh/authorized_keys"), "ssh-ed25519 AAAA test\n")
-        .expect("write");
+    std::fs::write(
+        dir.join("root/.ssh/authorized_keys"),
+        "ssh-ed25519 AAAA test\n",
+    )
+    .expect("write");
 }
 
 fn options() -> UpperOptions {
@@ -126,8 +145,7 @@ fn snapshot_chain_round_trip() {
     // The instance's changes.
     let upper = work.path().join("upper");
     make_upper(&upper, "one");
-    let layout =
-        guestfs_tools::oci::Layout::create(&work.path().join("snap-oci")).expect("layout");
+    let layout = guestfs_tools::oci::Layout::create(&work.path().join("snap-oci")).expect("layout");
     let layer = snapshot::upper_to_layer(&upper, &layout, &options()).expect("layer");
     assert_eq!(layer.whiteouts, 1);
     assert_eq!(layer.opaque_dirs, 1);
@@ -175,7 +193,9 @@ fn snapshot_chain_round_trip() {
     let snap1 = meta.id.clone();
 
     // Host A has the parent: one download (the layer), no conversion.
-    let img = rt.block_on(a.ensure_image(&snap1, None)).expect("snap on A");
+    let img = rt
+        .block_on(a.ensure_image(&snap1, None))
+        .expect("snap on A");
     assert_eq!(counts(&a), (2, 1), "only the new layer is fetched");
     assert_eq!(img.layer_digests(), all);
     let top = img.layer_dirs.last().expect("layer dir");
@@ -186,13 +206,17 @@ fn snapshot_chain_round_trip() {
     assert_eq!((md.uid(), md.gid()), (0, 0));
     let wh = std::fs::symlink_metadata(top.join("etc/marker")).expect("whiteout");
     assert!(wh.file_type().is_char_device() && wh.rdev() == 0);
-    let op = rustix::fs::getxattr(&top.join("opt"), "trusted.overlay.opaque", &mut [0u8; 4])
+    let op = rustix::fs::getxattr(top.join("opt"), "trusted.overlay.opaque", &mut [0u8; 4])
         .expect("opaque");
     assert_eq!(op, 1);
     assert!(top.join("opt/fresh").is_file());
     let md = std::fs::metadata(top.join("opt/stray")).expect("stray");
     assert_eq!((md.uid(), md.gid()), (65534, 65534));
-    for gone in ["etc/hostname", "etc/ssh/ssh_host_ed25519_key", "root/.ssh/authorized_keys"] {
+    for gone in [
+        "etc/hostname",
+        "etc/ssh/ssh_host_ed25519_key",
+        "root/.ssh/authorized_keys",
+    ] {
         assert!(!top.join(gone).exists(), "{gone} leaked into the snapshot");
     }
     let r = a.fsck().expect("fsck");
@@ -230,7 +254,9 @@ fn snapshot_chain_round_trip() {
 
     // Host B, empty cache: the whole chain (parent, snap1, snap2), one conversion.
     let b = open_cache(&work.path().join("cache-b"), &g.endpoint);
-    let img2 = rt.block_on(b.ensure_image(&m2.id, None)).expect("chain on B");
+    let img2 = rt
+        .block_on(b.ensure_image(&m2.id, None))
+        .expect("chain on B");
     assert_eq!(counts(&b), (3, 1));
     assert_eq!(img2.layers.len(), pimg.layers.len() + 2);
     let top2 = img2.layer_dirs.last().expect("dir");

@@ -102,10 +102,7 @@ fn freeze_and_wait(cg: &Cgroups, timeout: Duration) -> Result<()> {
 impl Manager {
     fn snapshot_options(&self, inst: &Instance) -> UpperOptions {
         let mut o = UpperOptions {
-            shift: inst
-                .idmap
-                .filter(|_| inst.userns)
-                .map(|r| (r.base, r.size)),
+            shift: inst.idmap.filter(|_| inst.userns).map(|r| (r.base, r.size)),
             exclude: IDENTITY_FILES.iter().map(|s| s.to_string()).collect(),
             exclude_if_equal: Vec::new(),
             level: 3,
