@@ -195,3 +195,49 @@ fn snapshot_running_and_shutoff_instances_and_boot_them_elsewhere() {
     d2.ok(&["delete", &c1]);
     d1.ok(&["delete", &uuid]);
 }
+
+/// Bench (bench/snapshot/run.sh): a 10 MiB change on the fixture image, snapshotted while
+/// running: wall time, bytes uploaded, time frozen; the anchor is uploading the whole image
+/// (what a VM snapshot sends). Prints `BENCH key=value` lines.
+#[test]
+#[ignore = "bench: bash bench/snapshot/run.sh"]
+fn bench_snapshot_10mib_change() {
+    glance_harness::require_root();
+    let g = glance_harness::Glance::start();
+    let qcow = common::fixtures().join("v3.qcow2");
+    let t = std::time::Instant::now();
+    let base = g.upload_with_curl(&qcow, "debian-12-fixture", "qcow2");
+    let full_s = t.elapsed().as_secs_f64();
+    let full_bytes = std::fs::metadata(&qcow).expect("fixture").len();
+    std::env::set_var("FATBOX_GLANCE__ENDPOINT", &g.endpoint);
+    let d = Daemon::start();
+    let uuid = d
+        .ok(&[
+            "run", "--image", &base, "--name", "bench-snap", "--vcpus", "1", "--memory", "512",
+            "--disk", "2",
+        ])
+        .trim()
+        .to_string();
+    d.exec(
+        &uuid,
+        "head -c 10485760 /dev/urandom > /root/ten-mib && sync",
+    );
+    let t = std::time::Instant::now();
+    let v: Value =
+        serde_json::from_str(&d.ok(&["snapshot", &uuid, "--json"])).expect("snapshot --json");
+    let wall = t.elapsed().as_secs_f64();
+    let id = v["image_id"].as_str().expect("id").to_string();
+    let t = std::time::Instant::now();
+    d.ok(&["image", "pull", &id, "--json"]);
+    let pull = t.elapsed().as_secs_f64();
+    println!("BENCH full_upload_s={full_s:.3}");
+    println!("BENCH full_upload_mib={:.2}", full_bytes as f64 / 1048576.0);
+    println!("BENCH snapshot_s={wall:.3}");
+    println!(
+        "BENCH uploaded_mib={:.2}",
+        v["layer_size"].as_f64().unwrap_or(0.0) / 1048576.0
+    );
+    println!("BENCH frozen_ms={}", v["frozen_ms"]);
+    println!("BENCH pull_parent_cached_s={pull:.3}");
+    d.ok(&["delete", &uuid]);
+}
