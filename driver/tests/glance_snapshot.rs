@@ -213,8 +213,17 @@ fn bench_snapshot_10mib_change() {
     let d = Daemon::start();
     let uuid = d
         .ok(&[
-            "run", "--image", &base, "--name", "bench-snap", "--vcpus", "1", "--memory", "512",
-            "--disk", "2",
+            "run",
+            "--image",
+            &base,
+            "--name",
+            "bench-snap",
+            "--vcpus",
+            "1",
+            "--memory",
+            "512",
+            "--disk",
+            "2",
         ])
         .trim()
         .to_string();

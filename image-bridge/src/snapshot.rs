@@ -58,6 +58,8 @@ pub struct UpperOptions {
     pub exclude_if_equal: Vec<(String, Vec<u8>)>,
     pub level: i32,
     pub threads: u32,
+    /// Write a plain tar (then [`compress_layer`]): the shortest walk, for a frozen instance.
+    pub plain: bool,
 }
 
 /// The layer built from an upper dir.
@@ -324,7 +326,12 @@ impl<W: std::io::Write> Walker<'_, W> {
 /// keeps the tree still meanwhile: a frozen or stopped instance).
 pub fn upper_to_layer(upper: &Path, layout: &Layout, opts: &UpperOptions) -> Result<LayerBuild> {
     let t0 = Instant::now();
-    let sink = layout.layer_sink(Compression::Zstd, opts.level, opts.threads.max(1))?;
+    let compression = if opts.plain {
+        Compression::None
+    } else {
+        Compression::Zstd
+    };
+    let sink = layout.layer_sink(compression, opts.level, opts.threads.max(1))?;
     let mut w = Walker {
         tar: TarWriter::new(sink),
         opts,
@@ -364,6 +371,36 @@ pub fn upper_to_layer(upper: &Path, layout: &Layout, opts: &UpperOptions) -> Res
         );
     }
     Ok(out)
+}
+
+/// Turns a plain layer (`plain: true`) into the tar+zstd blob that is uploaded; the plain
+/// blob is removed.
+pub fn compress_layer(
+    layout: &Layout,
+    build: &mut LayerBuild,
+    level: i32,
+    threads: u32,
+) -> Result<()> {
+    let t0 = Instant::now();
+    let plain = build.blob.clone();
+    let mut sink = layout.layer_sink(Compression::Zstd, level, threads.max(1))?;
+    let mut f = std::fs::File::open(&plain).map_err(io(&plain))?;
+    std::io::copy(&mut f, &mut sink).map_err(io(&plain))?;
+    let info = sink.finish()?;
+    if info.diff_id != build.diff_id {
+        return Err(Error::Cache(format!(
+            "{}: changed while compressed (tar digest {} became {})",
+            plain.display(),
+            build.diff_id,
+            info.diff_id
+        )));
+    }
+    std::fs::remove_file(&plain).map_err(io(&plain))?;
+    build.blob = layout.blob_path(&info.digest)?;
+    build.digest = info.digest;
+    build.size = info.size;
+    build.seconds += t0.elapsed().as_secs_f64();
+    Ok(())
 }
 
 /// Where the snapshot goes in Glance.

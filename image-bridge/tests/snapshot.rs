@@ -124,6 +124,7 @@ fn options() -> UpperOptions {
         )],
         level: 3,
         threads: 1,
+        plain: false,
     }
 }
 
@@ -160,9 +161,24 @@ fn snapshot_chain_round_trip() {
             "root/.ssh/authorized_keys"
         ]
     );
-    // Same tree, same layer.
+    // Same tree, same layer; written plain then compressed (the frozen-instance path), too.
     let again = snapshot::upper_to_layer(&upper, &layout, &options()).expect("layer");
     assert_eq!(again.digest, layer.digest);
+    let mut plain = snapshot::upper_to_layer(
+        &upper,
+        &layout,
+        &UpperOptions {
+            plain: true,
+            ..options()
+        },
+    )
+    .expect("plain layer");
+    assert_eq!(plain.diff_id, layer.diff_id);
+    assert_eq!(plain.digest, plain.diff_id, "uncompressed");
+    let plain_blob = plain.blob.clone();
+    snapshot::compress_layer(&layout, &mut plain, 3, 1).expect("compress");
+    assert_eq!(plain.digest, layer.digest);
+    assert!(!plain_blob.exists(), "plain blob removed");
 
     let req = PublishRequest {
         image_id: None,

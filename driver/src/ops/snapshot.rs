@@ -107,6 +107,8 @@ impl Manager {
             exclude_if_equal: Vec::new(),
             level: 3,
             threads: 2,
+            // Compressed after the thaw: the instance is frozen for the plain copy only.
+            plain: true,
         };
         if !inst.ssh_keys.is_empty() {
             // What write_identity put there; keys the guest added itself stay.
@@ -196,12 +198,15 @@ impl Manager {
             .tempdir_in(self.dir(&inst.uuid))
             .map_err(|e| Error::io(self.dir(&inst.uuid), e))?;
         let layout = guestfs_tools::oci::Layout::create(&tmp.path().join("oci"))?;
-        let (layer, frozen_ms) = {
+        let (mut layer, frozen_ms) = {
             let l = self.op_lock(&inst.uuid);
             let _g = lock(&l);
             let inst = self.get(&inst.uuid)?;
             self.snapshot_layer(&inst, &layout, tmp.path())?
         };
+        let opts = self.snapshot_options(&inst);
+        image_bridge::snapshot::compress_layer(&layout, &mut layer, opts.level, opts.threads)
+            .map_err(|e| Error::Other(format!("compressing the snapshot layer: {e}")))?;
         tracing::info!(
             uuid = %inst.uuid,
             layer = %layer.digest,
