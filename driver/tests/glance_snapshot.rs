@@ -78,6 +78,20 @@ fn snapshot_running_and_shutoff_instances_and_boot_them_elsewhere() {
     .unwrap_or_else(|_| "THAWED".into());
     assert_eq!(frozen.trim(), "THAWED");
 
+    // Paused: snapshotted as it is, and still paused (frozen) after.
+    d1.ok(&["pause", &uuid]);
+    let sp: Value = serde_json::from_str(&d1.ok(&["snapshot", &uuid, "--json"])).expect("json");
+    assert_eq!(sp["frozen_ms"], 0, "{sp}");
+    assert_eq!(d1.show(&uuid)["state"], "paused");
+    let state = std::fs::read_to_string(format!(
+        "/sys/fs/cgroup/freezer/{}/{uuid}/freezer.state",
+        d1.cgroup_parent()
+    ))
+    .unwrap_or_else(|_| "FROZEN".into());
+    assert_eq!(state.trim(), "FROZEN", "a paused instance stays frozen");
+    d1.ok(&["resume", &uuid]);
+    assert_eq!(d1.exec(&uuid, "echo alive").trim(), "alive");
+
     // This host has the parent: fetching the snapshot downloads only its layer.
     let downloads = log_count(&d1, "downloaded");
     let converted = log_count(&d1, "converted");
@@ -247,6 +261,7 @@ fn bench_snapshot_10mib_change() {
         v["layer_size"].as_f64().unwrap_or(0.0) / 1048576.0
     );
     println!("BENCH frozen_ms={}", v["frozen_ms"]);
+    println!("BENCH freeze_wait_ms={}", v["freeze_wait_ms"]);
     println!("BENCH pull_parent_cached_s={pull:.3}");
     d.ok(&["delete", &uuid]);
 }

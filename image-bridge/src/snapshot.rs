@@ -10,7 +10,7 @@
 
 use crate::error::{io, Error, Result};
 use crate::glance::{check_id, GlanceClient, ImageMeta, NewImage};
-use guestfs_tools::oci::{Compression, Layout};
+use guestfs_tools::oci::{Compression, Hashing, Layout};
 use guestfs_tools::tarout::{EntryMeta, Kind, TarWriter};
 use serde::Serialize;
 use serde_json::{Map, Value};
@@ -326,14 +326,57 @@ impl<W: std::io::Write> Walker<'_, W> {
 /// keeps the tree still meanwhile: a frozen or stopped instance).
 pub fn upper_to_layer(upper: &Path, layout: &Layout, opts: &UpperOptions) -> Result<LayerBuild> {
     let t0 = Instant::now();
-    let compression = if opts.plain {
-        Compression::None
+    let mut out = if opts.plain {
+        // A scratch file, not a durable blob: no fsync while the instance is frozen.
+        let blobs = layout.blobs();
+        let (file, tmp) = tempfile::Builder::new()
+            .prefix(".tmp-plain-")
+            .tempfile_in(&blobs)
+            .map_err(io(&blobs))?
+            .into_parts();
+        let w = Hashing::new(std::io::BufWriter::with_capacity(1 << 20, file));
+        let (w, stats, mut out) = walk_into(w, upper, opts)?;
+        let (bw, hex, len) = w.finish();
+        bw.into_inner()
+            .map_err(|e| Error::io(&blobs, e.into_error()))?;
+        out.blob = tmp.keep().map_err(|e| Error::io(&blobs, e.error))?;
+        out.digest = format!("sha256:{hex}");
+        out.diff_id = out.digest.clone();
+        out.size = len;
+        out.tar_size = len;
+        out.entries = stats.entries;
+        out.data_bytes = stats.data_bytes;
+        out
     } else {
-        Compression::Zstd
+        let sink = layout.layer_sink(Compression::Zstd, opts.level, opts.threads.max(1))?;
+        let (sink, stats, mut out) = walk_into(sink, upper, opts)?;
+        let info = sink.finish()?;
+        out.blob = layout.blob_path(&info.digest)?;
+        out.digest = info.digest;
+        out.diff_id = info.diff_id;
+        out.size = info.size;
+        out.tar_size = info.tar_size;
+        out.entries = stats.entries;
+        out.data_bytes = stats.data_bytes;
+        out
     };
-    let sink = layout.layer_sink(compression, opts.level, opts.threads.max(1))?;
-    let mut w = Walker {
-        tar: TarWriter::new(sink),
+    out.seconds = t0.elapsed().as_secs_f64();
+    if out.unmapped_owners > 0 {
+        tracing::warn!(
+            count = out.unmapped_owners,
+            "files owned outside the instance's id range: written as {OVERFLOW_ID} (as the guest saw them)"
+        );
+    }
+    Ok(out)
+}
+
+fn walk_into<W: std::io::Write>(
+    w: W,
+    upper: &Path,
+    opts: &UpperOptions,
+) -> Result<(W, guestfs_tools::tarout::TarStats, LayerBuild)> {
+    let mut wk = Walker {
+        tar: TarWriter::new(w),
         opts,
         links: HashMap::new(),
         out: LayerBuild {
@@ -352,29 +395,13 @@ pub fn upper_to_layer(upper: &Path, layout: &Layout, opts: &UpperOptions) -> Res
             seconds: 0.0,
         },
     };
-    w.walk(upper, b"")?;
-    let mut out = w.out;
-    let (sink, stats) = w.tar.finish()?;
-    let info = sink.finish()?;
-    out.blob = layout.blob_path(&info.digest)?;
-    out.digest = info.digest;
-    out.diff_id = info.diff_id;
-    out.size = info.size;
-    out.tar_size = info.tar_size;
-    out.entries = stats.entries;
-    out.data_bytes = stats.data_bytes;
-    out.seconds = t0.elapsed().as_secs_f64();
-    if out.unmapped_owners > 0 {
-        tracing::warn!(
-            count = out.unmapped_owners,
-            "files owned outside the instance's id range: written as {OVERFLOW_ID} (as the guest saw them)"
-        );
-    }
-    Ok(out)
+    wk.walk(upper, b"")?;
+    let (w, stats) = wk.tar.finish()?;
+    Ok((w, stats, wk.out))
 }
 
 /// Turns a plain layer (`plain: true`) into the tar+zstd blob that is uploaded; the plain
-/// blob is removed.
+/// scratch file is removed.
 pub fn compress_layer(
     layout: &Layout,
     build: &mut LayerBuild,

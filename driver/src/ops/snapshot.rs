@@ -43,6 +43,8 @@ pub struct SnapshotResult {
     pub skipped: Vec<String>,
     /// How long the instance was frozen for the copy (0 when it was not running).
     pub frozen_ms: u64,
+    /// Of which: until the kernel reported every task frozen.
+    pub freeze_wait_ms: u64,
     pub seconds: f64,
 }
 
@@ -126,7 +128,7 @@ impl Manager {
         inst: &Instance,
         layout: &guestfs_tools::oci::Layout,
         tmp: &Path,
-    ) -> Result<(LayerBuild, u64)> {
+    ) -> Result<(LayerBuild, u64, u64)> {
         let paths = Paths::new(&self.dir(&inst.uuid));
         let opts = self.snapshot_options(inst);
         let build = |upper: &Path| {
@@ -141,12 +143,15 @@ impl Manager {
                 let t = Instant::now();
                 let thaw = Thaw(&cg);
                 freeze_and_wait(&cg, Duration::from_secs(10))?;
+                let wait = t.elapsed().as_millis() as u64;
                 let r = build(&paths.disk_mnt.join("upper"));
                 drop(thaw);
                 let frozen = t.elapsed().as_millis() as u64;
-                Ok((r?, frozen))
+                Ok((r?, frozen, wait))
             }
-            VmState::Paused | VmState::Suspended => Ok((build(&paths.disk_mnt.join("upper"))?, 0)),
+            VmState::Paused | VmState::Suspended => {
+                Ok((build(&paths.disk_mnt.join("upper"))?, 0, 0))
+            }
             VmState::Shutoff => {
                 let mnt = tmp.join("disk");
                 disk::mount_disk_ro(&paths, &mnt)?;
@@ -154,7 +159,7 @@ impl Manager {
                 let u = disk::unmount_disk(&paths, &mnt);
                 let l = r?;
                 u?;
-                Ok((l, 0))
+                Ok((l, 0, 0))
             }
             s => Err(Error::Conflict(format!(
                 "cannot snapshot an instance in state {s:?} (running, paused, suspended or shutoff)"
@@ -198,7 +203,7 @@ impl Manager {
             .tempdir_in(self.dir(&inst.uuid))
             .map_err(|e| Error::io(self.dir(&inst.uuid), e))?;
         let layout = guestfs_tools::oci::Layout::create(&tmp.path().join("oci"))?;
-        let (mut layer, frozen_ms) = {
+        let (mut layer, frozen_ms, freeze_wait_ms) = {
             let l = self.op_lock(&inst.uuid);
             let _g = lock(&l);
             let inst = self.get(&inst.uuid)?;
@@ -214,6 +219,7 @@ impl Manager {
             data_bytes = layer.data_bytes,
             whiteouts = layer.whiteouts,
             frozen_ms,
+            freeze_wait_ms,
             skipped = ?layer.skipped,
             "snapshot layer written"
         );
@@ -238,6 +244,7 @@ impl Manager {
             whiteouts: layer.whiteouts,
             skipped: layer.skipped.clone(),
             frozen_ms,
+            freeze_wait_ms,
             seconds: t0.elapsed().as_secs_f64(),
         };
         tracing::info!(uuid = %inst.uuid, image = %res.image_id, seconds = res.seconds, "snapshot uploaded");
