@@ -90,6 +90,7 @@ pub fn router(m: Mgr) -> Router {
             "/v1/instances/{id}/serial-console",
             post(crate::console::serial_console),
         )
+        .route("/v1/instances/{id}/snapshot", post(snapshot))
         .route(
             "/v1/instances/{id}/interfaces",
             get(list_interfaces).post(attach_interface),
@@ -213,6 +214,22 @@ async fn export_instance(
 ) -> ApiResult<Json<Value>> {
     let rep = blocking(move || m.export(&id, &req)).await?;
     Ok(Json(json!(rep)))
+}
+
+/// Snapshot to Glance; answers when the image is active (Nova's snapshot waits for it too).
+async fn snapshot(
+    State(m): State<Mgr>,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> ApiResult<Json<Value>> {
+    let req: crate::ops::SnapshotRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        Default::default()
+    } else {
+        serde_json::from_slice(&body)
+            .map_err(|e| ApiError(Error::Invalid(format!("snapshot request: {e}"))))?
+    };
+    let r = blocking(move || m.snapshot(&id, &req)).await?;
+    Ok(Json(json!(r)))
 }
 
 async fn list_interfaces(State(m): State<Mgr>, Path(id): Path<String>) -> ApiResult<Json<Value>> {

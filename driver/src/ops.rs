@@ -24,12 +24,14 @@ mod password;
 mod rebuild;
 mod rescue;
 mod resize;
+mod snapshot;
 mod suspend;
 
 pub use export::{ExportReport, ExportRequest};
 pub use rebuild::RebuildRequest;
 pub use rescue::RescueRequest;
 pub use resize::ResizeRequest;
+pub use snapshot::{SnapshotRequest, SnapshotResult, IDENTITY_FILES};
 
 pub use crate::seccomp::DROP_CAPS;
 const POLL: Duration = Duration::from_millis(5);

@@ -334,6 +334,26 @@ impl<W: Write> TarWriter<W> {
         self.pad(size)
     }
 
+    /// Streams exactly `size` bytes of an entry's data from `r` (after its header); a source
+    /// that ends early is an error, not a silently truncated archive.
+    pub fn write_from(&mut self, r: &mut dyn std::io::Read, size: u64) -> Result<()> {
+        let mut buf = vec![0u8; CHUNK.min(usize::try_from(size).unwrap_or(CHUNK)).max(1)];
+        let mut left = size;
+        while left > 0 {
+            let k = left.min(buf.len() as u64) as usize;
+            let n = r.read(&mut buf[..k]).map_err(io_err)?;
+            if n == 0 {
+                return Err(Error::Other(format!(
+                    "file data ended {left} bytes early (changed while archived?)"
+                )));
+            }
+            self.out.write_all(&buf[..n]).map_err(io_err)?;
+            left -= n as u64;
+        }
+        self.stats.data_bytes += size;
+        self.pad(size)
+    }
+
     /// Ends the archive (two zero blocks) and returns the writer.
     pub fn finish(mut self) -> Result<(W, TarStats)> {
         self.out.write_all(&[0u8; BLOCK * 2]).map_err(io_err)?;

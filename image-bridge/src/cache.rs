@@ -139,6 +139,20 @@ impl FsckReport {
     }
 }
 
+/// Hashes what passes through (the uncompressed layer tar: its diff_id).
+struct HashingReader<R> {
+    inner: R,
+    hash: sha2::Sha256,
+}
+
+impl<R: Read> Read for HashingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        sha2::Digest::update(&mut self.hash, &buf[..n]);
+        Ok(n)
+    }
+}
+
 pub struct LayerCache {
     dir: PathBuf,
     opts: CacheOptions,
@@ -377,12 +391,46 @@ impl LayerCache {
 
     /// The image's layers, downloading and converting it first when it is not cached.
     /// Concurrent calls for one image — in this process or others — fill it once.
+    /// A snapshot image (see [`crate::snapshot`]) is filled parent first: its parents are
+    /// ensured in turn (reusing what is cached), then only its own layer is downloaded.
     pub async fn ensure_image(
         self: &Arc<Self>,
         id: &str,
         progress: Option<ProgressFn>,
     ) -> Result<CachedImage> {
+        self.ensure_chain(id, progress, Vec::new()).await
+    }
+
+    /// `chain`: the snapshots whose fill asked for this one (cycle and depth guard).
+    fn ensure_chain<'a>(
+        self: &'a Arc<Self>,
+        id: &'a str,
+        progress: Option<ProgressFn>,
+        chain: Vec<String>,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<CachedImage>> + Send + 'a>> {
+        Box::pin(async move { self.ensure_inner(id, progress, chain).await })
+    }
+
+    async fn ensure_inner(
+        self: &Arc<Self>,
+        id: &str,
+        progress: Option<ProgressFn>,
+        chain: Vec<String>,
+    ) -> Result<CachedImage> {
         check_id(id)?;
+        if chain.iter().any(|c| c == id) {
+            return Err(Error::Invalid(format!(
+                "snapshot chain {} -> {id} is a cycle",
+                chain.join(" -> ")
+            )));
+        }
+        if chain.len() >= crate::snapshot::MAX_DEPTH {
+            return Err(Error::Unsupported(format!(
+                "snapshot chain of image {} is deeper than {} parents",
+                chain.first().map(String::as_str).unwrap_or(id),
+                crate::snapshot::MAX_DEPTH
+            )));
+        }
         if let Some(img) = self.lookup(id)? {
             self.counters.hits.fetch_add(1, Ordering::Relaxed);
             return Ok(img);
@@ -402,7 +450,7 @@ impl LayerCache {
             return Ok(img);
         }
         let progress: ProgressFn = progress.unwrap_or_else(|| Arc::new(|_| {}));
-        let img = self.fill(id, progress.clone()).await?;
+        let img = self.fill(id, progress.clone(), chain).await?;
         let me = self.clone();
         let keep = id.to_string();
         match tokio::task::spawn_blocking(move || me.evict(&[keep])).await {
@@ -436,7 +484,12 @@ impl LayerCache {
         })
     }
 
-    async fn fill(self: &Arc<Self>, id: &str, progress: ProgressFn) -> Result<CachedImage> {
+    async fn fill(
+        self: &Arc<Self>,
+        id: &str,
+        progress: ProgressFn,
+        chain: Vec<String>,
+    ) -> Result<CachedImage> {
         let glance = self.glance.as_ref().ok_or_else(|| {
             Error::Cache(format!(
                 "image {id} is not cached and no Glance is configured"
@@ -448,6 +501,9 @@ impl LayerCache {
                 id: id.to_string(),
                 status: meta.status,
             });
+        }
+        if let Some(snap) = crate::snapshot::snapshot_info(&meta)? {
+            return self.fill_snapshot(meta, snap, progress, chain).await;
         }
         let disk_format = meta.disk_format.clone().unwrap_or_default();
         let container_format = meta.container_format.clone().unwrap_or_default();
@@ -730,6 +786,243 @@ impl LayerCache {
             layer_dirs: Vec::new(),
         };
         write_json(&self.record_path(id), &img)?;
+        Ok(img)
+    }
+
+    /// A snapshot: parents first (cached ones are hits), then its own layer — downloaded
+    /// only when no cached image has it already — verified against its digest, unpacked, and
+    /// committed with a manifest and config that extend the parent's.
+    async fn fill_snapshot(
+        self: &Arc<Self>,
+        meta: ImageMeta,
+        snap: crate::snapshot::SnapshotInfo,
+        progress: ProgressFn,
+        mut chain: Vec<String>,
+    ) -> Result<CachedImage> {
+        let id = meta.id.clone();
+        chain.push(id.clone());
+        let parent = self
+            .ensure_chain(&snap.parent, Some(progress.clone()), chain)
+            .await?;
+        let want = &snap.layers[..snap.layers.len() - 1];
+        if parent.layer_digests() != want {
+            return Err(Error::Invalid(format!(
+                "snapshot image {id}: its parent {} has layers {:?}, the snapshot records {:?}",
+                snap.parent,
+                parent.layer_digests(),
+                want
+            )));
+        }
+        let work = self.new_work_dir(&id)?;
+        let work_layout = Layout::create(&work.path.join("oci"))?;
+        let have = self.p("layers").join(hex_of(&snap.layer_digest)?).is_dir()
+            && Layout::open(&self.p("oci"))?
+                .blob_path(&snap.layer_digest)?
+                .is_file();
+        let mut size = meta.size.unwrap_or(0);
+        if !have {
+            let glance = self
+                .glance
+                .as_ref()
+                .ok_or_else(|| Error::Cache("no Glance configured".into()))?;
+            let src = work_layout.blob_path(&snap.layer_digest)?;
+            let p2 = progress.clone();
+            let report = glance
+                .download(&meta, &src, &move |done, total| {
+                    p2(Progress {
+                        phase: "download".into(),
+                        done,
+                        total,
+                    })
+                })
+                .await?;
+            size = report.bytes;
+            self.counters.downloads.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(
+                image = %id,
+                parent = %snap.parent,
+                bytes = report.bytes,
+                seconds = report.seconds,
+                verified_with = report.verified_with.as_deref().unwrap_or("none"),
+                "downloaded snapshot layer (parents cached)"
+            );
+        } else {
+            tracing::info!(image = %id, layer = %snap.layer_digest, "snapshot layer already cached");
+        }
+        let me = self.clone();
+        let wp = work.path.clone();
+        let img = tokio::task::spawn_blocking(move || {
+            me.commit_snapshot(&meta, &snap, &parent, &wp, have, size, progress)
+        })
+        .await
+        .map_err(|e| Error::Cache(format!("snapshot unpack task: {e}")))??;
+        drop(work);
+        Ok(img)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn commit_snapshot(
+        &self,
+        meta: &ImageMeta,
+        snap: &crate::snapshot::SnapshotInfo,
+        parent: &CachedImage,
+        work: &Path,
+        have: bool,
+        size: u64,
+        progress: ProgressFn,
+    ) -> Result<CachedImage> {
+        let id = &meta.id;
+        let digest = &snap.layer_digest;
+        let work_layout = Layout::open(&work.join("oci"))?;
+        let mut unpacked = None;
+        let mut diff_id = snap.diff_id.clone();
+        if !have {
+            progress(Progress {
+                phase: "unpack".into(),
+                done: 0,
+                total: Some(1),
+            });
+            let dest = work.join("unpack");
+            std::fs::create_dir(&dest).map_err(io(&dest))?;
+            // One pass: the blob's digest, the tar's digest (diff_id) and the unpack.
+            let blob = work_layout.open_blob(digest)?;
+            let mut dec = zstd::Decoder::new(blob).map_err(io(&dest))?;
+            let mut tar = HashingReader {
+                inner: &mut dec,
+                hash: sha2::Sha256::default(),
+            };
+            let stats = oci::unpack_layer(&mut tar, &dest, UnpackMode::Overlay)?;
+            std::io::copy(&mut tar, &mut std::io::sink()).map_err(io(&dest))?;
+            let got = format!("sha256:{}", hex::encode(sha2::Digest::finalize(tar.hash)));
+            if let Some(want) = &snap.diff_id {
+                if *want != got {
+                    return Err(Error::Invalid(format!(
+                        "snapshot image {id}: layer tar digest {got}, fatbox_diff_id says {want}"
+                    )));
+                }
+            }
+            diff_id = Some(got);
+            dec.finish().into_inner().verify()?;
+            unpacked = Some((dest, stats.bytes));
+        }
+        let _g = self.cache_lock()?;
+        // The parent may have been evicted since it was ensured: its layers must still be
+        // here (this record will hold them from now on).
+        for l in &parent.layers {
+            if !self.layer_dir(&l.digest)?.is_dir() {
+                return Err(Error::Cache(format!(
+                    "parent layer {} of snapshot {id} vanished (evicted meanwhile); pull again",
+                    l.digest
+                )));
+            }
+        }
+        let layout = Layout::create(&self.p("oci"))?;
+        let target_blob = layout.blob_path(digest)?;
+        if !have && !target_blob.exists() {
+            let src = work_layout.blob_path(digest)?;
+            std::fs::rename(&src, &target_blob).map_err(io(&target_blob))?;
+            fsync_dir(&layout.blobs())?;
+        }
+        let target = self.layer_dir(digest)?;
+        let known = self.known_unpacked_bytes()?;
+        let unpacked_bytes = match unpacked {
+            Some((dir, bytes)) if !target.exists() => {
+                std::fs::rename(&dir, &target).map_err(io(&target))?;
+                fsync_dir(&self.p("layers"))?;
+                bytes
+            }
+            Some((_, bytes)) => known.get(digest).copied().unwrap_or(bytes),
+            None => known.get(digest).copied().unwrap_or(0),
+        };
+        // Config and manifest: the parent's, plus this layer.
+        let pconf: serde_json::Value =
+            serde_json::from_slice(&layout.read_blob(&parent.config_digest)?)
+                .map_err(|e| Error::Cache(format!("parent config: {e}")))?;
+        let mut conf = pconf;
+        let diff_id = match diff_id {
+            Some(d) => d,
+            None => {
+                // Cached layer, no property: recompute from the blob.
+                let blob = layout.open_blob(digest)?;
+                let mut dec = zstd::Decoder::new(blob).map_err(io(&target_blob))?;
+                let mut h = HashingReader {
+                    inner: &mut dec,
+                    hash: sha2::Sha256::default(),
+                };
+                std::io::copy(&mut h, &mut std::io::sink()).map_err(io(&target_blob))?;
+                format!("sha256:{}", hex::encode(sha2::Digest::finalize(h.hash)))
+            }
+        };
+        if let Some(ids) = conf
+            .pointer_mut("/rootfs/diff_ids")
+            .and_then(serde_json::Value::as_array_mut)
+        {
+            ids.push(serde_json::Value::String(diff_id));
+        } else {
+            return Err(Error::Cache("parent config has no rootfs.diff_ids".into()));
+        }
+        let entry = serde_json::json!({
+            "created_by": format!("fatbox snapshot {id} of {}", snap.parent),
+            "comment": meta.name.clone().unwrap_or_default(),
+        });
+        match conf
+            .get_mut("history")
+            .and_then(serde_json::Value::as_array_mut)
+        {
+            Some(h) => h.push(entry),
+            None => conf["history"] = serde_json::json!([entry]),
+        }
+        let config_desc =
+            layout.put_blob(oci_spec::image::MediaType::ImageConfig, &oci::json(&conf)?)?;
+        let pman: serde_json::Value =
+            serde_json::from_slice(&layout.read_blob(&parent.manifest_digest)?)
+                .map_err(|e| Error::Cache(format!("parent manifest: {e}")))?;
+        let mut man = pman;
+        man["config"] =
+            serde_json::to_value(&config_desc).map_err(|e| Error::Cache(e.to_string()))?;
+        let layer_desc = oci::descriptor(
+            oci_spec::image::MediaType::ImageLayerZstd,
+            digest,
+            std::fs::metadata(&target_blob)
+                .map_err(io(&target_blob))?
+                .len(),
+        )?;
+        match man
+            .get_mut("layers")
+            .and_then(serde_json::Value::as_array_mut)
+        {
+            Some(l) => {
+                l.push(serde_json::to_value(&layer_desc).map_err(|e| Error::Cache(e.to_string()))?)
+            }
+            None => return Err(Error::Cache("parent manifest has no layers".into())),
+        }
+        let man_desc =
+            layout.put_blob(oci_spec::image::MediaType::ImageManifest, &oci::json(&man)?)?;
+        layout.tag(man_desc.clone(), &format!("{REF_PREFIX}{id}"))?;
+        let mut layers = parent.layers.clone();
+        layers.push(CachedLayer {
+            digest: digest.clone(),
+            size: std::fs::metadata(&target_blob)
+                .map_err(io(&target_blob))?
+                .len(),
+            unpacked_bytes,
+        });
+        let img = CachedImage {
+            glance_id: id.clone(),
+            name: meta.name.clone(),
+            manifest_digest: man_desc.digest().to_string(),
+            config_digest: config_desc.digest().to_string(),
+            layers,
+            disk_format: crate::snapshot::FORMAT.into(),
+            container_format: meta.container_format.clone(),
+            source_size: size,
+            hash_algo: meta.expected_hash().map(|h| h.0),
+            hash_value: meta.expected_hash().map(|h| h.1),
+            cached_at: now_secs(),
+            layer_dirs: Vec::new(),
+        };
+        write_json(&self.record_path(id), &img)?;
+        tracing::info!(image = %id, parent = %snap.parent, layers = img.layers.len(), "snapshot image cached");
         Ok(img)
     }
 

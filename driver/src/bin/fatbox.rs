@@ -173,6 +173,16 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Snapshot the instance (running, paused or shut off) to Glance as a new image on top
+    /// of the one it was booted from; prints the new Glance image id.
+    Snapshot {
+        id: String,
+        /// Name of the new Glance image (default `<instance>-snapshot-<unix time>`).
+        #[arg(long)]
+        image_name: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Host resources.
     Host {
         #[arg(long)]
@@ -559,6 +569,31 @@ async fn run(args: Args) -> anyhow::Result<i32> {
                 None,
             )
             .await?;
+        }
+        Cmd::Snapshot {
+            id,
+            image_name,
+            json,
+        } => {
+            let v = call(
+                &c,
+                "POST",
+                &format!("/v1/instances/{}/snapshot", path_id(&id)?),
+                Some(json!({"name": image_name})),
+            )
+            .await?;
+            if json {
+                println!("{v:#}");
+            } else {
+                println!("{}", v["image_id"].as_str().unwrap_or_default());
+                eprintln!(
+                    "parent {}, layer {} ({} bytes uploaded), {:.1} s",
+                    v["parent"].as_str().unwrap_or_default(),
+                    v["layer_digest"].as_str().unwrap_or_default(),
+                    v["layer_size"],
+                    v["seconds"].as_f64().unwrap_or_default()
+                );
+            }
         }
         Cmd::Console {
             id,

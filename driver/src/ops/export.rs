@@ -206,7 +206,7 @@ impl Manager {
             } else if paths.image.exists() {
                 let m = work.dir.join("disk");
                 std::fs::create_dir(&m).map_err(io(&m))?;
-                disk::mount_disk_ro(&paths.image, &m)?;
+                disk::mount_disk_ro(&paths, &m)?;
                 work.mounts.push(m.clone());
                 m
             } else {
