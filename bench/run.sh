@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs every benchmark and writes bench/REPORT.md + bench/charts/*.png from their results.
 #   bench/run.sh [--quick] [AREA ...]     (root; areas: convert procfs boot density network isolation
-#                                         image-bridge nova)
+#                                         image-bridge snapshot nova)
 # --quick: fewer repetitions and smaller sizes (about 10 min on 2 cores); the full run takes
 # about 30 min. Each area writes bench/out/<area>.json (bench/emit.py); an area that fails is
 # named at the end and the report is still written from the others.
@@ -12,11 +12,11 @@ for a in "$@"; do
   case "$a" in
     --quick) QUICK=1 ;;
     -h|--help) sed -n 2,6p "$0"; exit 0 ;;
-    convert|procfs|boot|density|network|isolation|image-bridge|nova) AREAS+=("$a") ;;
-    *) echo "bench/run.sh: unknown argument '$a' (areas: convert procfs boot density network isolation image-bridge nova)" >&2; exit 2 ;;
+    convert|procfs|boot|density|network|isolation|image-bridge|snapshot|nova) AREAS+=("$a") ;;
+    *) echo "bench/run.sh: unknown argument '$a' (areas: convert procfs boot density network isolation image-bridge snapshot nova)" >&2; exit 2 ;;
   esac
 done
-[ ${#AREAS[@]} -eq 0 ] && AREAS=(convert procfs boot density network isolation image-bridge nova)
+[ ${#AREAS[@]} -eq 0 ] && AREAS=(convert procfs boot density network isolation image-bridge snapshot nova)
 [ "$(id -u)" = 0 ] || { echo "bench/run.sh: needs root (cgroups, mounts, OVS)" >&2; exit 2; }
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target}
 export BENCH_OUT=${BENCH_OUT:-$PWD/bench/out}
@@ -96,6 +96,7 @@ subprocess.run([sys.executable, "bench/emit.py", out, "--area", "image-bridge",
     "--note", f"image: {cells.get('image', '?')}"], check=True)
 PY
       ;;
+    snapshot) bash bench/snapshot/run.sh ;;
     nova)
       bash bench/nova/run.sh | tee "$BENCH_OUT/nova.md" &&
         python3 - "$BENCH_OUT/nova.md" "$BENCH_OUT/nova.json" <<'PY'

@@ -20,7 +20,7 @@ cargo test --workspace --release --no-fail-fast -- --test-threads="${FATBOX_TEST
 echo "== nova driver (real nova from PyPI, real fatboxd)" >&2
 NOVA_VENV=$(bash tests/nova/setup.sh | tail -n 1)
 (cd tests/nova && "$NOVA_VENV/bin/python" -m pytest -p no:cacheprovider -W ignore -q -rfEs \
-  test_fatbox_driver.py)
+  test_fatbox_driver.py test_serial_console.py)
 echo "== devstack plugin" >&2
 bash tests/devstack/test_plugin.sh
 if [ -x guestfs-tools/fuzz/ci.sh ] || [ -f guestfs-tools/fuzz/ci.sh ]; then

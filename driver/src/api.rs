@@ -30,6 +30,8 @@ impl IntoResponse for ApiError {
             Error::NotFound(_) => StatusCode::NOT_FOUND,
             Error::Conflict(_) => StatusCode::CONFLICT,
             Error::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            Error::Disabled(_) => StatusCode::NOT_IMPLEMENTED,
+            Error::Unsupported(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Error::Image(guestfs_tools::Error::NotFound(_)) => StatusCode::NOT_FOUND,
             Error::Image(
                 guestfs_tools::Error::Corrupt { .. }
@@ -79,6 +81,16 @@ pub fn router(m: Mgr) -> Router {
         .route("/v1/instances/{id}", get(show).delete(delete))
         .route("/v1/instances/{id}/actions", post(action))
         .route("/v1/instances/{id}/console", get(console))
+        .route("/v1/instances/{id}/export", post(export_instance))
+        .route(
+            "/v1/instances/{id}/console/attach",
+            get(crate::console::attach),
+        )
+        .route(
+            "/v1/instances/{id}/serial-console",
+            post(crate::console::serial_console),
+        )
+        .route("/v1/instances/{id}/snapshot", post(snapshot))
         .route(
             "/v1/instances/{id}/interfaces",
             get(list_interfaces).post(attach_interface),
@@ -152,6 +164,12 @@ struct ActionReq {
     /// rebuild, rescue: the image (default: the instance's).
     #[serde(default)]
     image: Option<String>,
+    /// set_password: the new password (stdin of the guest's chpasswd only) and the user
+    /// (default root).
+    #[serde(default)]
+    password: Option<String>,
+    #[serde(default)]
+    user: Option<String>,
     /// resize: the fields to change.
     #[serde(flatten)]
     resize: ResizeRequest,
@@ -175,13 +193,43 @@ async fn action(
         "rebuild" => m.rebuild(&id, &RebuildRequest { image: req.image }),
         "rescue" => m.rescue(&id, &RescueRequest { image: req.image }),
         "unrescue" => m.unrescue(&id),
+        "set_password" => match &req.password {
+            Some(p) => m.set_password(&id, req.user.as_deref(), p),
+            None => Err(Error::Invalid("set_password needs a password".into())),
+        },
         other => Err(Error::Invalid(format!(
             "unknown action {other:?} (stop, start, reboot, reboot_hard, pause, unpause, \
-             suspend, resume, resize, rebuild, rescue, unrescue)"
+             suspend, resume, resize, rebuild, rescue, unrescue, set_password)"
         ))),
     })
     .await?;
     Ok(Json(inst.view()))
+}
+
+/// Writes the instance as a flat VM disk at a host path (blocking until done).
+async fn export_instance(
+    State(m): State<Mgr>,
+    Path(id): Path<String>,
+    Json(req): Json<crate::ops::ExportRequest>,
+) -> ApiResult<Json<Value>> {
+    let rep = blocking(move || m.export(&id, &req)).await?;
+    Ok(Json(json!(rep)))
+}
+
+/// Snapshot to Glance; answers when the image is active (Nova's snapshot waits for it too).
+async fn snapshot(
+    State(m): State<Mgr>,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> ApiResult<Json<Value>> {
+    let req: crate::ops::SnapshotRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        Default::default()
+    } else {
+        serde_json::from_slice(&body)
+            .map_err(|e| ApiError(Error::Invalid(format!("snapshot request: {e}"))))?
+    };
+    let r = blocking(move || m.snapshot(&id, &req)).await?;
+    Ok(Json(json!(r)))
 }
 
 async fn list_interfaces(State(m): State<Mgr>, Path(id): Path<String>) -> ApiResult<Json<Value>> {

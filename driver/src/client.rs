@@ -86,3 +86,44 @@ impl Client {
         Ok(Reply { status, body })
     }
 }
+
+/// A console attached through fatboxd's WebSocket.
+pub type ConsoleStream = tokio_tungstenite::WebSocketStream<tokio::net::UnixStream>;
+
+impl Client {
+    /// `GET /v1/instances/{id}/console/attach` upgraded to a WebSocket; `tail` bytes of the
+    /// log come first. An HTTP error (unknown instance, powered off) is returned as such.
+    pub async fn attach_console(
+        &self,
+        id: &str,
+        tail: u64,
+        readonly: bool,
+    ) -> Result<ConsoleStream> {
+        let stream = tokio::net::UnixStream::connect(&self.socket)
+            .await
+            .map_err(|e| {
+                Error::Other(format!(
+                    "cannot reach fatboxd at {}: {e}",
+                    self.socket.display()
+                ))
+            })?;
+        let url = format!(
+            "ws://fatboxd/v1/instances/{id}/console/attach?tail={tail}&readonly={readonly}"
+        );
+        match tokio_tungstenite::client_async(url, stream).await {
+            Ok((ws, _)) => Ok(ws),
+            Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
+                let reply = Reply {
+                    status: resp.status().as_u16(),
+                    body: resp.body().clone().unwrap_or_default(),
+                };
+                Err(Error::Other(format!(
+                    "{} ({})",
+                    reply.error(),
+                    reply.status
+                )))
+            }
+            Err(e) => Err(Error::Other(format!("console attach: {e}"))),
+        }
+    }
+}

@@ -28,6 +28,7 @@ pub struct Config {
     /// Keystone v3 for Glance (token + catalog); no auth_url = Glance without auth.
     pub keystone: KeystoneSection,
     pub security: SecurityConfig,
+    pub console: ConsoleConfig,
 }
 
 impl Default for Config {
@@ -44,7 +45,59 @@ impl Default for Config {
             glance: GlanceConfig::default(),
             keystone: KeystoneSection::default(),
             security: SecurityConfig::default(),
+            console: ConsoleConfig::default(),
         }
+    }
+}
+
+/// Serial consoles for nova-serialproxy: a TCP port per instance, on demand, relaying raw
+/// bytes to the console pty.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ConsoleConfig {
+    /// Off: `POST .../serial-console` answers 501 (Nova: ConsoleTypeUnavailable).
+    pub serial_enabled: bool,
+    /// Address the serial ports listen on (nova.conf `[serial_console] proxyclient_address`).
+    pub serial_listen: String,
+    /// "FIRST:LAST", inclusive (nova.conf `[serial_console] port_range`).
+    pub serial_port_range: String,
+}
+
+impl Default for ConsoleConfig {
+    fn default() -> Self {
+        ConsoleConfig {
+            serial_enabled: true,
+            serial_listen: "127.0.0.1".into(),
+            serial_port_range: "10000:20000".into(),
+        }
+    }
+}
+
+impl ConsoleConfig {
+    /// The port range, checked.
+    pub fn port_range(&self) -> Result<(u16, u16)> {
+        let bad = || {
+            Error::Config(format!(
+                "console.serial_port_range {:?}: want FIRST:LAST with 1 <= FIRST <= LAST <= 65535",
+                self.serial_port_range
+            ))
+        };
+        let (a, b) = self.serial_port_range.split_once(':').ok_or_else(bad)?;
+        let a: u16 = a.trim().parse().map_err(|_| bad())?;
+        let b: u16 = b.trim().parse().map_err(|_| bad())?;
+        if a == 0 || a > b {
+            return Err(bad());
+        }
+        Ok((a, b))
+    }
+
+    pub fn listen_ip(&self) -> Result<std::net::IpAddr> {
+        self.serial_listen.trim().parse().map_err(|_| {
+            Error::Config(format!(
+                "console.serial_listen {:?} is not an IP address",
+                self.serial_listen
+            ))
+        })
     }
 }
 
@@ -183,6 +236,10 @@ impl Config {
                 "cgroup_parent {:?} must be a relative path",
                 cfg.cgroup_parent
             )));
+        }
+        if cfg.console.serial_enabled {
+            cfg.console.port_range()?;
+            cfg.console.listen_ip()?;
         }
         let sec = &cfg.security;
         if sec.id_size == 0 || sec.id_base == 0 || sec.id_base.checked_add(sec.id_size).is_none() {

@@ -256,6 +256,49 @@ pub fn unmount_rootfs(paths: &Paths) -> Result<()> {
     Ok(())
 }
 
+/// Mounts a powered-off instance's disk read-only at `mnt` (snapshot and export read it);
+/// [`unmount_disk`] undoes it.
+pub fn mount_disk_ro(paths: &Paths, mnt: &Path) -> Result<()> {
+    if let Some(d) = loop_of(&paths.image) {
+        return Err(Error::Conflict(format!(
+            "{} is attached to {}: the instance's disk is in use",
+            paths.image.display(),
+            d.display()
+        )));
+    }
+    std::fs::create_dir_all(mnt).map_err(io(mnt))?;
+    let (loopf, dev) = attach_loop(&paths.image)?;
+    let r = mount(
+        Some(&dev),
+        mnt,
+        Some("ext4"),
+        MsFlags::MS_RDONLY | MsFlags::MS_NOATIME,
+        None::<&str>,
+    );
+    drop(loopf);
+    r.map_err(|e| Error::sys(format!("mount {} on {}", dev.display(), mnt.display()), e))
+}
+
+/// Unmounts what [`mount_disk_ro`] mounted and waits for the loop device to go.
+pub fn unmount_disk(paths: &Paths, mnt: &Path) -> Result<()> {
+    while is_mountpoint(mnt) {
+        umount2(mnt, MntFlags::MNT_DETACH)
+            .map_err(|e| Error::sys(format!("umount {}", mnt.display()), e))?;
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while let Some(d) = loop_of(&paths.image) {
+        if std::time::Instant::now() >= deadline {
+            return Err(Error::Other(format!(
+                "{} is still attached to {}",
+                paths.image.display(),
+                d.display()
+            )));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    Ok(())
+}
+
 /// The loop device backed by `image`, if any (from sysfs).
 pub fn loop_of(image: &Path) -> Option<PathBuf> {
     let want = std::fs::canonicalize(image).unwrap_or_else(|_| image.to_path_buf());

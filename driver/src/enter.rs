@@ -87,6 +87,10 @@ impl Target {
                 -1 => return Err(last()),
                 0 => {}
                 child => {
+                    // The waiter needs no fd: dropping its copies (std's exec-error pipe above
+                    // all) lets the caller's spawn() return once the command has exec'd
+                    // instead of when it exits, so it can feed stdin and enforce a deadline.
+                    libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
                     let mut st: libc::c_int = 0;
                     while libc::waitpid(child, &mut st, 0) < 0 {
                         if *libc::__errno_location() != libc::EINTR {

@@ -30,6 +30,12 @@ pub enum Error {
     Network(#[from] crate::network::Error),
     #[error("timed out: {0}")]
     Timeout(String),
+    /// A feature this host has turned off (HTTP 501).
+    #[error("disabled: {0}")]
+    Disabled(String),
+    /// The guest cannot do what is asked (e.g. it has no chpasswd) (HTTP 422).
+    #[error("unsupported by the guest: {0}")]
+    Unsupported(String),
     #[error("{0}")]
     Other(String),
 }

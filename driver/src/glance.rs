@@ -299,3 +299,25 @@ pub fn list(cfg: &Config) -> Result<Vec<CachedImage>> {
 pub fn fsck(cfg: &Config) -> Result<image_bridge::cache::FsckReport> {
     cache(cfg)?.fsck().map_err(ib)
 }
+
+/// Uploads a snapshot layer to Glance (image_bridge::snapshot::publish); blocking.
+pub fn publish(
+    cfg: &Config,
+    req: &image_bridge::snapshot::PublishRequest,
+    layer: &image_bridge::snapshot::LayerBuild,
+) -> Result<image_bridge::glance::ImageMeta> {
+    let b = bridge(cfg)?;
+    let glance = b
+        .cache
+        .glance()
+        .cloned()
+        .ok_or_else(|| Error::Conflict("no Glance configured".into()))?;
+    let (req, layer) = (req.clone(), layer.clone());
+    let (tx, rx) = std::sync::mpsc::channel();
+    b.rt.spawn(async move {
+        let _ = tx.send(image_bridge::snapshot::publish(&glance, &req, &layer).await);
+    });
+    rx.recv()
+        .map_err(|_| Error::Other("snapshot upload task ended without an answer".into()))?
+        .map_err(ib)
+}

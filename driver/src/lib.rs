@@ -9,6 +9,7 @@ pub mod cgroups;
 pub mod client;
 pub mod config;
 pub mod configdrive;
+pub mod console;
 pub mod disk;
 pub mod enter;
 pub mod error;

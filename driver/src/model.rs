@@ -177,6 +177,14 @@ pub struct Instance {
     /// Set while the instance runs its rescue system (its own disk at /mnt/rescue).
     #[serde(default)]
     pub rescue: Option<RescueImage>,
+    /// TCP port of its serial console (nova-serialproxy), allocated on first request and
+    /// kept until the instance is deleted.
+    #[serde(default)]
+    pub serial_port: Option<u16>,
+    /// The guest's hostname when it differs from `name` (Nova: instance.hostname, while the
+    /// name is instance-%08x).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
 }
 
 /// The image a rescued instance boots.
@@ -214,7 +222,32 @@ pub fn validate_name(name: &str) -> Result<()> {
     }
 }
 
+/// A guest hostname: RFC 1123 labels joined by dots, within the kernel's 64-byte limit
+/// (sethostname refuses more, so a longer FQDN could never be set).
+pub fn validate_hostname(h: &str) -> Result<()> {
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+    };
+    if h.len() <= 64 && h.split('.').all(label_ok) {
+        Ok(())
+    } else {
+        Err(Error::Invalid(format!(
+            "hostname {h:?}: RFC 1123 labels (letters, digits, inner '-') joined by '.', \
+             at most 64 characters"
+        )))
+    }
+}
+
 impl Instance {
+    /// What the guest is told its hostname is.
+    pub fn guest_hostname(&self) -> &str {
+        self.hostname.as_deref().unwrap_or(&self.name)
+    }
+
     pub fn power_state(&self) -> PowerState {
         self.state.power_state()
     }
@@ -239,6 +272,7 @@ impl Instance {
         serde_json::json!({
             "uuid": self.uuid,
             "name": self.name,
+            "hostname": self.guest_hostname(),
             "image": self.image,
             "state": self.state,
             "reason": self.reason,
@@ -257,6 +291,7 @@ impl Instance {
             "created_at": self.created_at,
             "booted_at": self.booted_at,
             "rescue_image": self.rescue.as_ref().map(|r| &r.image),
+            "serial_port": self.serial_port,
         })
     }
 }
@@ -279,4 +314,31 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
         let _ = d.sync_all();
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod hostname_tests {
+    use super::validate_hostname;
+
+    #[test]
+    fn hostnames_follow_rfc1123_and_the_kernel_limit() {
+        for ok in ["vm-one", "a", "web01.example.org", "x1-2.y"] {
+            assert!(validate_hostname(ok).is_ok(), "{ok:?}");
+        }
+        let long = format!("{}.example.org", "a".repeat(60));
+        for bad in [
+            "",
+            "-a",
+            "a-",
+            "a..b",
+            "a_b",
+            "a b",
+            ".a",
+            "a.",
+            &long,
+            &"a".repeat(64),
+        ] {
+            assert!(validate_hostname(bad).is_err(), "{bad:?}");
+        }
+    }
 }

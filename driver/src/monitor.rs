@@ -36,7 +36,16 @@ pub fn run(dir: &Path) -> Result<()> {
     unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
     let pty = nix::pty::openpty(None, None).map_err(|e| Error::sys("openpty", e))?;
     let slave_path = nix::unistd::ttyname(&pty.slave).map_err(|e| Error::sys("ttyname", e))?;
+    // Close-on-exec (init must not inherit the master and read its own typed input) and
+    // non-blocking (input for a guest that does not read must never stall the monitor).
+    for flag in [
+        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+        nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+    ] {
+        nix::fcntl::fcntl(pty.master.as_raw_fd(), flag).map_err(|e| Error::sys("fcntl pty", e))?;
+    }
     let mut console = Console::open(&spec.console_log, spec.console_log_max)?;
+    let mut server = crate::console::Server::bind(dir);
 
     let mut mask = SigSet::empty();
     mask.add(Signal::SIGCHLD);
@@ -73,9 +82,9 @@ pub fn run(dir: &Path) -> Result<()> {
             &serde_json::to_vec(&rec).map_err(|e| Error::Other(e.to_string()))?,
         )?;
         tracing::info!(pid = init.as_raw(), boot, "init started");
-        let status = wait_init(init, &pty.master, &mut sfd, &mut console)?;
+        let status = wait_init(init, &pty.master, &mut sfd, &mut console, &mut server)?;
         // Drain what init printed last: the reboot marker may be in it.
-        console.pump(&pty.master);
+        console.pump(&pty.master, &mut server);
         let requested = dir.join(REBOOT_FLAG).exists();
         let said_reboot = console
             .tail_since(console_mark)
@@ -108,22 +117,29 @@ fn wait_init(
     master: &OwnedFd,
     sfd: &mut SignalFd,
     console: &mut Console,
+    server: &mut crate::console::Server,
 ) -> Result<WaitStatus> {
+    let mut fds = Vec::new();
     loop {
-        let mut fds = [
-            libc::pollfd {
-                fd: master.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: sfd.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-        ];
-        // SAFETY: fds is a valid array of two pollfd for the duration of the call.
-        let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+        fds.clear();
+        let mut master_ev = libc::POLLIN;
+        if !server.input.is_empty() {
+            master_ev |= libc::POLLOUT;
+        }
+        fds.push(libc::pollfd {
+            fd: master.as_raw_fd(),
+            events: master_ev,
+            revents: 0,
+        });
+        fds.push(libc::pollfd {
+            fd: sfd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        });
+        server.pollfds(&mut fds);
+        let nfds = libc::nfds_t::try_from(fds.len()).unwrap_or(2);
+        // SAFETY: fds is a valid array of nfds pollfd for the duration of the call.
+        let r = unsafe { libc::poll(fds.as_mut_ptr(), nfds, -1) };
         if r < 0 {
             let e = std::io::Error::last_os_error();
             if e.kind() == std::io::ErrorKind::Interrupted {
@@ -131,10 +147,17 @@ fn wait_init(
             }
             return Err(Error::io("poll", e));
         }
-        if fds[0].revents != 0 {
-            console.pump(master);
+        // Clients first: their slots in fds follow the order pollfds gave them, which
+        // pump's broadcast may change.
+        server.handle(fds.get(2..).unwrap_or_default(), &console.path);
+        let (m, s) = (fds[0].revents, fds[1].revents);
+        if m & libc::POLLIN != 0 {
+            console.pump(master, server);
         }
-        if fds[1].revents != 0 {
+        if !server.input.is_empty() {
+            server.write_input(master);
+        }
+        if s != 0 {
             while let Ok(Some(_)) = sfd.read_signal() {}
             loop {
                 match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
@@ -180,7 +203,7 @@ impl Console {
         })
     }
 
-    fn pump(&mut self, master: &OwnedFd) {
+    fn pump(&mut self, master: &OwnedFd, server: &mut crate::console::Server) {
         let mut buf = [0u8; 8192];
         loop {
             let mut pfd = libc::pollfd {
@@ -199,6 +222,7 @@ impl Console {
             };
             let Some(chunk) = buf.get(..n) else { return };
             self.append(chunk);
+            server.broadcast(chunk);
         }
     }
 

@@ -6,7 +6,7 @@ use crate::config::Config;
 use crate::disk::{self, Paths};
 use crate::error::{io, Error, Result};
 use crate::images;
-use crate::model::{now_secs, validate_name, Flavor, Instance, ProcId, VmState};
+use crate::model::{now_secs, validate_hostname, validate_name, Flavor, Instance, ProcId, VmState};
 use crate::spec::{ExitRecord, InitRecord, RuntimeSpec, EXIT_FILE, INIT_FILE, REBOOT_FLAG};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -19,14 +19,19 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 pub mod exec;
+mod export;
+mod password;
 mod rebuild;
 mod rescue;
 mod resize;
+mod snapshot;
 mod suspend;
 
+pub use export::{ExportReport, ExportRequest};
 pub use rebuild::RebuildRequest;
 pub use rescue::RescueRequest;
 pub use resize::ResizeRequest;
+pub use snapshot::{SnapshotRequest, SnapshotResult, IDENTITY_FILES};
 
 pub use crate::seccomp::DROP_CAPS;
 const POLL: Duration = Duration::from_millis(5);
@@ -51,6 +56,9 @@ pub struct CreateRequest {
     /// Trusted workload: no user namespace, no seccomp (needs `allow_privileged`).
     #[serde(default)]
     pub privileged: bool,
+    /// The guest's hostname (default: `name`); Nova passes instance.hostname here.
+    #[serde(default)]
+    pub hostname: Option<String>,
     /// Metadata drive files: relative path -> base64 content (configdrive.rs).
     #[serde(default)]
     pub config_drive: Option<std::collections::BTreeMap<String, String>>,
@@ -62,6 +70,7 @@ pub struct Manager {
     locks: Mutex<HashMap<String, Arc<Mutex<()>>>>,
     ranges: crate::userns::Ranges,
     pub(crate) net: crate::vifs::NetState,
+    pub(crate) serial: crate::console::SerialPorts,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -81,6 +90,7 @@ impl Manager {
             instances: Mutex::new(HashMap::new()),
             locks: Mutex::new(HashMap::new()),
             net: Default::default(),
+            serial: Default::default(),
         }))
     }
 
@@ -137,6 +147,9 @@ impl Manager {
     /// Validates and records a new instance (state building); `power_on` boots it.
     pub fn create(&self, req: CreateRequest) -> Result<Instance> {
         validate_name(&req.name)?;
+        if let Some(h) = &req.hostname {
+            validate_hostname(h)?;
+        }
         req.flavor.validate()?;
         let sec = &self.cfg.security;
         let opts_out = req.privileged
@@ -204,6 +217,8 @@ impl Manager {
             created_at: now_secs(),
             booted_at: None,
             rescue: None,
+            serial_port: None,
+            hostname: req.hostname.clone().filter(|h| *h != req.name),
         };
         let mut g = lock(&self.instances);
         if g.contains_key(&uuid) {
@@ -352,7 +367,7 @@ impl Manager {
         }
         let mut spec = RuntimeSpec {
             uuid: uuid.to_string(),
-            hostname: inst.name.clone(),
+            hostname: inst.guest_hostname().to_string(),
             rootfs,
             init: vec!["/sbin/init".into()],
             env: vec![
@@ -492,6 +507,7 @@ impl Manager {
         if self.cfg.security.isolated_ranges {
             self.ranges.free(&inst.uuid)?;
         }
+        self.serial.release(&inst.uuid);
         lock(&self.instances).remove(&inst.uuid);
         lock(&self.locks).remove(&inst.uuid);
         Ok(())
@@ -653,6 +669,7 @@ impl Manager {
                 (_, false) => {}
             }
         }
+        self.restore_serial();
         Ok(())
     }
 
@@ -900,7 +917,7 @@ fn write_identity(rootfs: &Path, inst: &Instance) -> Result<()> {
             std::fs::remove_file(p).map_err(io(p))?;
         }
     }
-    std::fs::write(&hn, format!("{}\n", inst.name)).map_err(io(&hn))?;
+    std::fs::write(&hn, format!("{}\n", inst.guest_hostname())).map_err(io(&hn))?;
     // What we write as host root must belong to the guest's root, not to the overflow id.
     let owner = inst.idmap.filter(|_| inst.userns).map(|r| r.base);
     let give = |p: &Path| -> Result<()> {

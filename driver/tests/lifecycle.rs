@@ -266,7 +266,7 @@ fn lifecycle() {
     }
 
     // Delete leaves nothing behind.
-    let console = d.ok(&["console", "vm-one"]);
+    let console = d.ok(&["console", "vm-one", "--log"]);
     assert!(console.contains("Welcome to"), "console log: {console}");
     d.ok(&["delete", "vm-one"]);
     d.ok(&["delete", "vm-two"]);

@@ -92,8 +92,14 @@ pub fn convert(
 
     let os = os_info(guest)?;
     let sink = layout.layer_sink(opts.compression, opts.level, opts.threads)?;
-    let (sink, base) = tarout::write_tree(guest, sink, progress)?;
+    let t = std::time::Instant::now();
+    let (sink, base) = tarout::write_tree_to_layer(guest, sink, progress)?;
+    tracing::debug!(
+        tree_s = t.elapsed().as_secs_f64(),
+        "base layer tree written"
+    );
     let base_layer = sink.finish()?;
+    tracing::debug!(total_s = t.elapsed().as_secs_f64(), "base layer stored");
     let mut layers = vec![base_layer];
     let mut history = vec![HistoryBuilder::default()
         .created_by(format!(

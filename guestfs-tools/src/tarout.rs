@@ -7,6 +7,7 @@
 
 use crate::ext4::FileType;
 use crate::guest::{Guest, LinkTracker, Node};
+use crate::oci::LayerSink;
 use crate::{Error, Result};
 use std::io::Write;
 
@@ -77,9 +78,15 @@ pub struct TarStats {
     pub data_bytes: u64,
 }
 
+/// Lets the writer read file data straight into the output's own buffer (see
+/// [`crate::oci::LayerSink::fill_in_place`]): the filler gets free space and returns how
+/// many bytes it put there.
+pub type InPlace<W> = fn(&mut W, &mut dyn FnMut(&mut [u8]) -> Result<usize>) -> Result<usize>;
+
 /// Writes tar entries to `W`.
 pub struct TarWriter<W: Write> {
     out: W,
+    in_place: Option<InPlace<W>>,
     pub stats: TarStats,
 }
 
@@ -106,6 +113,16 @@ impl<W: Write> TarWriter<W> {
     pub fn new(out: W) -> Self {
         TarWriter {
             out,
+            in_place: None,
+            stats: TarStats::default(),
+        }
+    }
+
+    /// A writer whose file data is read from the guest directly into `out`'s buffers.
+    pub fn with_in_place(out: W, fill: InPlace<W>) -> Self {
+        TarWriter {
+            out,
+            in_place: Some(fill),
             stats: TarStats::default(),
         }
     }
@@ -280,6 +297,26 @@ impl<W: Write> TarWriter<W> {
             }
             write_zeros(self, start - pos)?;
             pos = start;
+            if let Some(fill) = self.in_place {
+                while pos < end {
+                    let n = fill(&mut self.out, &mut |dst: &mut [u8]| {
+                        let k = usize::try_from(end - pos)
+                            .unwrap_or(usize::MAX)
+                            .min(dst.len());
+                        let got = guest.read_at(node, pos, &mut dst[..k])?;
+                        if got != k {
+                            return Err(Error::corrupt(
+                                format!("file data ends early (inode {})", node.r.ino),
+                                pos,
+                            ));
+                        }
+                        Ok(k)
+                    })?;
+                    pos += n as u64;
+                    progress(n as u64);
+                }
+                continue;
+            }
             while pos < end {
                 let k = (end - pos).min(buf.len() as u64) as usize;
                 let n = guest.read_at(node, pos, &mut buf[..k])?;
@@ -295,6 +332,26 @@ impl<W: Write> TarWriter<W> {
             }
         }
         write_zeros(self, size - pos)?;
+        self.stats.data_bytes += size;
+        self.pad(size)
+    }
+
+    /// Streams exactly `size` bytes of an entry's data from `r` (after its header); a source
+    /// that ends early is an error, not a silently truncated archive.
+    pub fn write_from(&mut self, r: &mut dyn std::io::Read, size: u64) -> Result<()> {
+        let mut buf = vec![0u8; CHUNK.min(usize::try_from(size).unwrap_or(CHUNK)).max(1)];
+        let mut left = size;
+        while left > 0 {
+            let k = left.min(buf.len() as u64) as usize;
+            let n = r.read(&mut buf[..k]).map_err(io_err)?;
+            if n == 0 {
+                return Err(Error::Other(format!(
+                    "file data ended {left} bytes early (changed while archived?)"
+                )));
+            }
+            self.out.write_all(&buf[..n]).map_err(io_err)?;
+            left -= n as u64;
+        }
         self.stats.data_bytes += size;
         self.pad(size)
     }
@@ -344,7 +401,27 @@ pub fn write_tree<W: Write>(
     out: W,
     progress: &mut dyn FnMut(u64),
 ) -> Result<(W, TarStats)> {
-    let mut tw = TarWriter::new(out);
+    write_tree_with(guest, TarWriter::new(out), progress)
+}
+
+/// [`write_tree`] into a layer blob, reading file data straight into the blob's chunks.
+pub fn write_tree_to_layer(
+    guest: &Guest,
+    sink: LayerSink,
+    progress: &mut dyn FnMut(u64),
+) -> Result<(LayerSink, TarStats)> {
+    write_tree_with(
+        guest,
+        TarWriter::with_in_place(sink, LayerSink::fill_in_place),
+        progress,
+    )
+}
+
+fn write_tree_with<W: Write>(
+    guest: &Guest,
+    mut tw: TarWriter<W>,
+    progress: &mut dyn FnMut(u64),
+) -> Result<(W, TarStats)> {
     let mut links = LinkTracker::default();
     let mut buf = Vec::new();
     guest.walk(&mut |e| {

@@ -165,6 +165,59 @@ fn none_zstd_and_gzip_layers_hold_the_same_tar_under_the_right_media_type() {
     assert!(sparse.len() == 5 << 20 && sparse.iter().all(|b| *b == 0));
 }
 
+/// zstd layers are cut into one frame per 1 MiB chunk, compressed on `--threads` workers:
+/// the blob must not depend on the worker count (digests stay reproducible across hosts),
+/// and our own unpacker must read every frame, not just the first.
+#[test]
+fn zstd_layers_are_the_same_bytes_whatever_the_thread_count_and_unpack_whole() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let noise_len = (5 << 20) + 777;
+    let img = guest(tmp.path(), noise_len);
+    let oci = tmp.path().join("oci");
+    let mut bases = Vec::new();
+    for threads in ["1", "2", "3"] {
+        let name = format!("t{threads}");
+        run_ok(
+            Command::new(bin())
+                .args(["convert", "--no-source-digest", "--threads", threads])
+                .args(["--name", &name])
+                .arg(&img)
+                .arg(&oci),
+        );
+        let (manifest, _) = image(&oci, &name);
+        bases.push(
+            manifest["layers"][0]["digest"]
+                .as_str()
+                .expect("digest")
+                .to_string(),
+        );
+    }
+    assert!(bases.iter().all(|d| *d == bases[0]), "{bases:?}");
+    let data = std::fs::read(blob(&oci, &bases[0])).expect("blob");
+    // Several frames: the magic number at the start of each one.
+    let frames = data
+        .windows(4)
+        .filter(|w| *w == [0x28, 0xb5, 0x2f, 0xfd])
+        .count();
+    assert!(
+        frames >= 6,
+        "expected one frame per MiB of tar, found {frames}"
+    );
+
+    let dest = tmp.path().join("unpacked");
+    run_ok(
+        Command::new(bin())
+            .args(["unpack", "--name", "t2"])
+            .arg(&oci)
+            .arg(&dest),
+    );
+    assert_eq!(
+        std::fs::read(dest.join("srv/data/noise")).expect("noise"),
+        noise(noise_len, 0x9e37_79b9),
+        "data past the first frame"
+    );
+}
+
 #[test]
 fn an_unknown_compression_or_zstd_level_is_refused() {
     let tmp = tempfile::tempdir().expect("tempdir");

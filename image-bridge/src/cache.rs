@@ -34,6 +34,10 @@ use std::time::{Instant, SystemTime};
 
 const REF_PREFIX: &str = "glance-";
 
+/// What a conversion or a docker import left in the work layout: the manifest, the config
+/// digest and the layers (digest, blob size), bottom first.
+type Filled = (oci_spec::image::Descriptor, String, Vec<(String, u64)>);
+
 #[derive(Debug, Clone)]
 pub struct CacheOptions {
     pub dir: PathBuf,
@@ -74,6 +78,9 @@ pub struct CachedImage {
     /// Bottom first.
     pub layers: Vec<CachedLayer>,
     pub disk_format: String,
+    /// Glance's container_format ("docker": a docker save tarball imported as it is).
+    #[serde(default)]
+    pub container_format: Option<String>,
     pub source_size: u64,
     pub hash_algo: Option<String>,
     pub hash_value: Option<String>,
@@ -129,6 +136,20 @@ pub struct FsckReport {
 impl FsckReport {
     pub fn clean(&self) -> bool {
         self.problems.is_empty() && self.orphans.is_empty()
+    }
+}
+
+/// Hashes what passes through (the uncompressed layer tar: its diff_id).
+struct HashingReader<R> {
+    inner: R,
+    hash: sha2::Sha256,
+}
+
+impl<R: Read> Read for HashingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        sha2::Digest::update(&mut self.hash, &buf[..n]);
+        Ok(n)
     }
 }
 
@@ -370,12 +391,46 @@ impl LayerCache {
 
     /// The image's layers, downloading and converting it first when it is not cached.
     /// Concurrent calls for one image — in this process or others — fill it once.
+    /// A snapshot image (see [`crate::snapshot`]) is filled parent first: its parents are
+    /// ensured in turn (reusing what is cached), then only its own layer is downloaded.
     pub async fn ensure_image(
         self: &Arc<Self>,
         id: &str,
         progress: Option<ProgressFn>,
     ) -> Result<CachedImage> {
+        self.ensure_chain(id, progress, Vec::new()).await
+    }
+
+    /// `chain`: the snapshots whose fill asked for this one (cycle and depth guard).
+    fn ensure_chain<'a>(
+        self: &'a Arc<Self>,
+        id: &'a str,
+        progress: Option<ProgressFn>,
+        chain: Vec<String>,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<CachedImage>> + Send + 'a>> {
+        Box::pin(async move { self.ensure_inner(id, progress, chain).await })
+    }
+
+    async fn ensure_inner(
+        self: &Arc<Self>,
+        id: &str,
+        progress: Option<ProgressFn>,
+        chain: Vec<String>,
+    ) -> Result<CachedImage> {
         check_id(id)?;
+        if chain.iter().any(|c| c == id) {
+            return Err(Error::Invalid(format!(
+                "snapshot chain {} -> {id} is a cycle",
+                chain.join(" -> ")
+            )));
+        }
+        if chain.len() >= crate::snapshot::MAX_DEPTH {
+            return Err(Error::Unsupported(format!(
+                "snapshot chain of image {} is deeper than {} parents",
+                chain.first().map(String::as_str).unwrap_or(id),
+                crate::snapshot::MAX_DEPTH
+            )));
+        }
         if let Some(img) = self.lookup(id)? {
             self.counters.hits.fetch_add(1, Ordering::Relaxed);
             return Ok(img);
@@ -395,7 +450,7 @@ impl LayerCache {
             return Ok(img);
         }
         let progress: ProgressFn = progress.unwrap_or_else(|| Arc::new(|_| {}));
-        let img = self.fill(id, progress.clone()).await?;
+        let img = self.fill(id, progress.clone(), chain).await?;
         let me = self.clone();
         let keep = id.to_string();
         match tokio::task::spawn_blocking(move || me.evict(&[keep])).await {
@@ -429,7 +484,12 @@ impl LayerCache {
         })
     }
 
-    async fn fill(self: &Arc<Self>, id: &str, progress: ProgressFn) -> Result<CachedImage> {
+    async fn fill(
+        self: &Arc<Self>,
+        id: &str,
+        progress: ProgressFn,
+        chain: Vec<String>,
+    ) -> Result<CachedImage> {
         let glance = self.glance.as_ref().ok_or_else(|| {
             Error::Cache(format!(
                 "image {id} is not cached and no Glance is configured"
@@ -442,14 +502,15 @@ impl LayerCache {
                 status: meta.status,
             });
         }
+        if let Some(snap) = crate::snapshot::snapshot_info(&meta)? {
+            return self.fill_snapshot(meta, snap, progress, chain).await;
+        }
         let disk_format = meta.disk_format.clone().unwrap_or_default();
         let container_format = meta.container_format.clone().unwrap_or_default();
-        if container_format == "docker" {
-            return Err(Error::Unsupported(format!(
-                "image {id}: container_format docker (docker save tarballs) is not supported yet"
-            )));
-        }
+        // A docker save tarball carries its own layers: disk_format says nothing about it.
+        let docker = container_format == "docker";
         let slow = match disk_format.as_str() {
+            _ if docker => false,
             "qcow2" | "raw" => false,
             "vmdk" | "vdi" | "vhd" | "vhdx" | "qed" => true,
             other => {
@@ -486,7 +547,7 @@ impl LayerCache {
         let wp = work.path.clone();
         let p3 = progress.clone();
         let img = tokio::task::spawn_blocking(move || {
-            me.convert_and_commit(&idc, &meta, &wp, &disk_format, slow, p3)
+            me.convert_and_commit(&idc, &meta, &wp, &disk_format, slow, docker, p3)
         })
         .await
         .map_err(|e| Error::Cache(format!("conversion task: {e}")))??;
@@ -500,6 +561,7 @@ impl LayerCache {
         Ok(img)
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn convert_and_commit(
         &self,
         id: &str,
@@ -507,8 +569,50 @@ impl LayerCache {
         work: &Path,
         disk_format: &str,
         slow: bool,
+        docker: bool,
         progress: ProgressFn,
     ) -> Result<CachedImage> {
+        let src = work.join("source");
+        let name = format!("{REF_PREFIX}{id}");
+        let oci_dir = work.join("oci");
+        let (desc, config_digest, layer_list) = if docker {
+            let t0 = Instant::now();
+            let imp = crate::docker::import(&src, work, &oci_dir, &name)?;
+            tracing::info!(
+                image = id,
+                layers = imp.layers.len(),
+                tags = ?imp.repo_tags,
+                seconds = t0.elapsed().as_secs_f64(),
+                "docker save tarball imported (layers as they are)"
+            );
+            let _ = std::fs::remove_file(&src);
+            (imp.manifest, imp.config_digest, imp.layers)
+        } else {
+            self.convert_disk(id, work, disk_format, slow, &progress)?
+        };
+        let work_layout = Layout::open(&oci_dir)?;
+        self.unpack_and_commit(
+            id,
+            meta,
+            work,
+            &work_layout,
+            desc,
+            config_digest,
+            layer_list,
+            disk_format,
+            progress,
+        )
+    }
+
+    /// fatbox-img conversion of a VM disk: (manifest, config digest, layers).
+    fn convert_disk(
+        &self,
+        id: &str,
+        work: &Path,
+        disk_format: &str,
+        slow: bool,
+        progress: &ProgressFn,
+    ) -> Result<Filled> {
         let src = work.join("source");
         let disk = if slow {
             let raw = work.join("source.raw");
@@ -580,25 +684,53 @@ impl LayerCache {
         let _ = std::fs::remove_file(&disk);
         let work_layout = Layout::open(&oci_dir)?;
         let (desc, _) = work_layout.manifest(Some(&name))?;
+        let layers = report
+            .layers
+            .iter()
+            .map(|l| (l.digest.clone(), l.size))
+            .collect();
+        Ok((desc, report.config_digest, layers))
+    }
+
+    /// Unpacks the new layers in the work dir, then commits blobs, layer dirs and the record.
+    #[allow(clippy::too_many_arguments)]
+    fn unpack_and_commit(
+        &self,
+        id: &str,
+        meta: &ImageMeta,
+        work: &Path,
+        work_layout: &Layout,
+        desc: oci_spec::image::Descriptor,
+        config_digest: String,
+        layer_list: Vec<(String, u64)>,
+        disk_format: &str,
+        progress: ProgressFn,
+    ) -> Result<CachedImage> {
+        let name = format!("{REF_PREFIX}{id}");
         // Unpack into the work dir: only renames happen under the cache lock.
         let mut unpacked = Vec::new();
-        for (i, l) in report.layers.iter().enumerate() {
+        for (i, (digest, _)) in layer_list.iter().enumerate() {
             progress(Progress {
                 phase: "unpack".into(),
                 done: i as u64,
-                total: Some(report.layers.len() as u64),
+                total: Some(layer_list.len() as u64),
             });
-            let hex = hex_of(&l.digest)?;
+            let hex = hex_of(digest)?;
             if self.p("layers").join(hex).is_dir() {
-                unpacked.push((l.digest.clone(), None, 0));
+                unpacked.push((digest.clone(), None, 0));
                 continue;
             }
             let dest = work.join(format!("unpack-{hex}"));
+            if dest.exists() {
+                // The same layer twice in one image: unpacked once.
+                unpacked.push((digest.clone(), None, 0));
+                continue;
+            }
             std::fs::create_dir(&dest).map_err(io(&dest))?;
-            let mut r = work_layout.open_blob(&l.digest)?;
+            let mut r = work_layout.open_blob(digest)?;
             let stats = oci::unpack_layer(&mut r, &dest, UnpackMode::Overlay)?;
             r.verify()?;
-            unpacked.push((l.digest.clone(), Some(dest), stats.bytes));
+            unpacked.push((digest.clone(), Some(dest), stats.bytes));
         }
         progress(Progress {
             phase: "commit".into(),
@@ -622,7 +754,7 @@ impl LayerCache {
         fsync_dir(&blobs)?;
         let layers_dir = self.p("layers");
         let mut layers = Vec::new();
-        for ((digest, tmp, bytes), info) in unpacked.into_iter().zip(&report.layers) {
+        for ((digest, tmp, bytes), (_, size)) in unpacked.into_iter().zip(&layer_list) {
             let target = self.layer_dir(&digest)?;
             let bytes = match tmp {
                 Some(t) if !target.exists() => {
@@ -633,7 +765,7 @@ impl LayerCache {
             };
             layers.push(CachedLayer {
                 digest,
-                size: info.size,
+                size: *size,
                 unpacked_bytes: bytes,
             });
         }
@@ -643,9 +775,10 @@ impl LayerCache {
             glance_id: id.to_string(),
             name: meta.name.clone(),
             manifest_digest: desc.digest().to_string(),
-            config_digest: report.config_digest.clone(),
+            config_digest,
             layers,
             disk_format: disk_format.to_string(),
+            container_format: meta.container_format.clone(),
             source_size: meta.size.unwrap_or(0),
             hash_algo: meta.expected_hash().map(|h| h.0),
             hash_value: meta.expected_hash().map(|h| h.1),
@@ -653,6 +786,243 @@ impl LayerCache {
             layer_dirs: Vec::new(),
         };
         write_json(&self.record_path(id), &img)?;
+        Ok(img)
+    }
+
+    /// A snapshot: parents first (cached ones are hits), then its own layer — downloaded
+    /// only when no cached image has it already — verified against its digest, unpacked, and
+    /// committed with a manifest and config that extend the parent's.
+    async fn fill_snapshot(
+        self: &Arc<Self>,
+        meta: ImageMeta,
+        snap: crate::snapshot::SnapshotInfo,
+        progress: ProgressFn,
+        mut chain: Vec<String>,
+    ) -> Result<CachedImage> {
+        let id = meta.id.clone();
+        chain.push(id.clone());
+        let parent = self
+            .ensure_chain(&snap.parent, Some(progress.clone()), chain)
+            .await?;
+        let want = &snap.layers[..snap.layers.len() - 1];
+        if parent.layer_digests() != want {
+            return Err(Error::Invalid(format!(
+                "snapshot image {id}: its parent {} has layers {:?}, the snapshot records {:?}",
+                snap.parent,
+                parent.layer_digests(),
+                want
+            )));
+        }
+        let work = self.new_work_dir(&id)?;
+        let work_layout = Layout::create(&work.path.join("oci"))?;
+        let have = self.p("layers").join(hex_of(&snap.layer_digest)?).is_dir()
+            && Layout::open(&self.p("oci"))?
+                .blob_path(&snap.layer_digest)?
+                .is_file();
+        let mut size = meta.size.unwrap_or(0);
+        if !have {
+            let glance = self
+                .glance
+                .as_ref()
+                .ok_or_else(|| Error::Cache("no Glance configured".into()))?;
+            let src = work_layout.blob_path(&snap.layer_digest)?;
+            let p2 = progress.clone();
+            let report = glance
+                .download(&meta, &src, &move |done, total| {
+                    p2(Progress {
+                        phase: "download".into(),
+                        done,
+                        total,
+                    })
+                })
+                .await?;
+            size = report.bytes;
+            self.counters.downloads.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(
+                image = %id,
+                parent = %snap.parent,
+                bytes = report.bytes,
+                seconds = report.seconds,
+                verified_with = report.verified_with.as_deref().unwrap_or("none"),
+                "downloaded snapshot layer (parents cached)"
+            );
+        } else {
+            tracing::info!(image = %id, layer = %snap.layer_digest, "snapshot layer already cached");
+        }
+        let me = self.clone();
+        let wp = work.path.clone();
+        let img = tokio::task::spawn_blocking(move || {
+            me.commit_snapshot(&meta, &snap, &parent, &wp, have, size, progress)
+        })
+        .await
+        .map_err(|e| Error::Cache(format!("snapshot unpack task: {e}")))??;
+        drop(work);
+        Ok(img)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn commit_snapshot(
+        &self,
+        meta: &ImageMeta,
+        snap: &crate::snapshot::SnapshotInfo,
+        parent: &CachedImage,
+        work: &Path,
+        have: bool,
+        size: u64,
+        progress: ProgressFn,
+    ) -> Result<CachedImage> {
+        let id = &meta.id;
+        let digest = &snap.layer_digest;
+        let work_layout = Layout::open(&work.join("oci"))?;
+        let mut unpacked = None;
+        let mut diff_id = snap.diff_id.clone();
+        if !have {
+            progress(Progress {
+                phase: "unpack".into(),
+                done: 0,
+                total: Some(1),
+            });
+            let dest = work.join("unpack");
+            std::fs::create_dir(&dest).map_err(io(&dest))?;
+            // One pass: the blob's digest, the tar's digest (diff_id) and the unpack.
+            let blob = work_layout.open_blob(digest)?;
+            let mut dec = zstd::Decoder::new(blob).map_err(io(&dest))?;
+            let mut tar = HashingReader {
+                inner: &mut dec,
+                hash: sha2::Sha256::default(),
+            };
+            let stats = oci::unpack_layer(&mut tar, &dest, UnpackMode::Overlay)?;
+            std::io::copy(&mut tar, &mut std::io::sink()).map_err(io(&dest))?;
+            let got = format!("sha256:{}", hex::encode(sha2::Digest::finalize(tar.hash)));
+            if let Some(want) = &snap.diff_id {
+                if *want != got {
+                    return Err(Error::Invalid(format!(
+                        "snapshot image {id}: layer tar digest {got}, fatbox_diff_id says {want}"
+                    )));
+                }
+            }
+            diff_id = Some(got);
+            dec.finish().into_inner().verify()?;
+            unpacked = Some((dest, stats.bytes));
+        }
+        let _g = self.cache_lock()?;
+        // The parent may have been evicted since it was ensured: its layers must still be
+        // here (this record will hold them from now on).
+        for l in &parent.layers {
+            if !self.layer_dir(&l.digest)?.is_dir() {
+                return Err(Error::Cache(format!(
+                    "parent layer {} of snapshot {id} vanished (evicted meanwhile); pull again",
+                    l.digest
+                )));
+            }
+        }
+        let layout = Layout::create(&self.p("oci"))?;
+        let target_blob = layout.blob_path(digest)?;
+        if !have && !target_blob.exists() {
+            let src = work_layout.blob_path(digest)?;
+            std::fs::rename(&src, &target_blob).map_err(io(&target_blob))?;
+            fsync_dir(&layout.blobs())?;
+        }
+        let target = self.layer_dir(digest)?;
+        let known = self.known_unpacked_bytes()?;
+        let unpacked_bytes = match unpacked {
+            Some((dir, bytes)) if !target.exists() => {
+                std::fs::rename(&dir, &target).map_err(io(&target))?;
+                fsync_dir(&self.p("layers"))?;
+                bytes
+            }
+            Some((_, bytes)) => known.get(digest).copied().unwrap_or(bytes),
+            None => known.get(digest).copied().unwrap_or(0),
+        };
+        // Config and manifest: the parent's, plus this layer.
+        let pconf: serde_json::Value =
+            serde_json::from_slice(&layout.read_blob(&parent.config_digest)?)
+                .map_err(|e| Error::Cache(format!("parent config: {e}")))?;
+        let mut conf = pconf;
+        let diff_id = match diff_id {
+            Some(d) => d,
+            None => {
+                // Cached layer, no property: recompute from the blob.
+                let blob = layout.open_blob(digest)?;
+                let mut dec = zstd::Decoder::new(blob).map_err(io(&target_blob))?;
+                let mut h = HashingReader {
+                    inner: &mut dec,
+                    hash: sha2::Sha256::default(),
+                };
+                std::io::copy(&mut h, &mut std::io::sink()).map_err(io(&target_blob))?;
+                format!("sha256:{}", hex::encode(sha2::Digest::finalize(h.hash)))
+            }
+        };
+        if let Some(ids) = conf
+            .pointer_mut("/rootfs/diff_ids")
+            .and_then(serde_json::Value::as_array_mut)
+        {
+            ids.push(serde_json::Value::String(diff_id));
+        } else {
+            return Err(Error::Cache("parent config has no rootfs.diff_ids".into()));
+        }
+        let entry = serde_json::json!({
+            "created_by": format!("fatbox snapshot {id} of {}", snap.parent),
+            "comment": meta.name.clone().unwrap_or_default(),
+        });
+        match conf
+            .get_mut("history")
+            .and_then(serde_json::Value::as_array_mut)
+        {
+            Some(h) => h.push(entry),
+            None => conf["history"] = serde_json::json!([entry]),
+        }
+        let config_desc =
+            layout.put_blob(oci_spec::image::MediaType::ImageConfig, &oci::json(&conf)?)?;
+        let pman: serde_json::Value =
+            serde_json::from_slice(&layout.read_blob(&parent.manifest_digest)?)
+                .map_err(|e| Error::Cache(format!("parent manifest: {e}")))?;
+        let mut man = pman;
+        man["config"] =
+            serde_json::to_value(&config_desc).map_err(|e| Error::Cache(e.to_string()))?;
+        let layer_desc = oci::descriptor(
+            oci_spec::image::MediaType::ImageLayerZstd,
+            digest,
+            std::fs::metadata(&target_blob)
+                .map_err(io(&target_blob))?
+                .len(),
+        )?;
+        match man
+            .get_mut("layers")
+            .and_then(serde_json::Value::as_array_mut)
+        {
+            Some(l) => {
+                l.push(serde_json::to_value(&layer_desc).map_err(|e| Error::Cache(e.to_string()))?)
+            }
+            None => return Err(Error::Cache("parent manifest has no layers".into())),
+        }
+        let man_desc =
+            layout.put_blob(oci_spec::image::MediaType::ImageManifest, &oci::json(&man)?)?;
+        layout.tag(man_desc.clone(), &format!("{REF_PREFIX}{id}"))?;
+        let mut layers = parent.layers.clone();
+        layers.push(CachedLayer {
+            digest: digest.clone(),
+            size: std::fs::metadata(&target_blob)
+                .map_err(io(&target_blob))?
+                .len(),
+            unpacked_bytes,
+        });
+        let img = CachedImage {
+            glance_id: id.clone(),
+            name: meta.name.clone(),
+            manifest_digest: man_desc.digest().to_string(),
+            config_digest: config_desc.digest().to_string(),
+            layers,
+            disk_format: crate::snapshot::FORMAT.into(),
+            container_format: meta.container_format.clone(),
+            source_size: size,
+            hash_algo: meta.expected_hash().map(|h| h.0),
+            hash_value: meta.expected_hash().map(|h| h.1),
+            cached_at: now_secs(),
+            layer_dirs: Vec::new(),
+        };
+        write_json(&self.record_path(id), &img)?;
+        tracing::info!(image = %id, parent = %snap.parent, layers = img.layers.len(), "snapshot image cached");
         Ok(img)
     }
 

@@ -451,6 +451,28 @@ impl GlanceClient {
         resp.json().await.map_err(http_err(what))
     }
 
+    /// Applies a JSON patch (`add`/`replace`/`remove` operations) to an image.
+    pub async fn patch(&self, id: &str, ops: &[Value]) -> Result<ImageMeta> {
+        check_id(id)?;
+        let body = serde_json::to_vec(ops).map_err(|e| Error::Invalid(e.to_string()))?;
+        let what = format!("PATCH image {id}");
+        let resp = self
+            .send(
+                &what,
+                |r| {
+                    r.header(
+                        reqwest::header::CONTENT_TYPE,
+                        "application/openstack-images-v2.1-json-patch",
+                    )
+                    .body(body.clone())
+                },
+                Method::PATCH,
+                &format!("/images/{id}"),
+            )
+            .await?;
+        resp.json().await.map_err(http_err(what))
+    }
+
     pub async fn delete(&self, id: &str) -> Result<()> {
         check_id(id)?;
         let what = format!("DELETE image {id}");

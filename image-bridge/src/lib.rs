@@ -7,13 +7,17 @@
 //! * [`cache`]: the layer cache — one OCI layout plus unpacked lower dirs, filled by
 //!   `ensure_image` (download → fatbox-img conversion → unpack) once per image however many
 //!   callers ask at once, crash-safe, LRU-evicted under a size cap except what is pinned.
+//! * [`snapshot`]: an overlay upper dir as one OCI layer, published to Glance with its parent
+//!   chain in the image properties; the cache fetches such chains parent first.
 
 pub mod cache;
+pub mod docker;
 pub mod error;
 pub mod glance;
 pub mod hash;
 pub mod keystone;
 pub mod lock;
+pub mod snapshot;
 
 pub use cache::{CacheOptions, CachedImage, LayerCache, Progress};
 pub use error::{Error, Result};

@@ -13,6 +13,7 @@ import socket
 import subprocess
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -57,17 +58,184 @@ def cloudinit_qcow2():
     return Path(out.strip().splitlines()[-1])
 
 
-class Fatboxd:
+OVS_LOCK = "/run/fatbox-ovs-harness.lock"
+OVS_SCHEMA = "/usr/share/openvswitch/vswitch.ovsschema"
+
+
+def _run(*args, check=True):
+    p = subprocess.run(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if check and p.returncode != 0:
+        raise AssertionError(f"{args}: {p.returncode}: {p.stderr}")
+    return p.stdout
+
+
+class Ovs:
+    """A private ovsdb-server + ovs-vswitchd (userspace netdev datapath) in `dir`, with one
+    bridge. The netdev datapath makes a host tap named ovs-netdev, so two vswitchds cannot
+    run at once: the same lock file as the Rust harness (driver/tests/ovs_harness)
+    serializes them. Started on first use, stopped (exit --cleanup, then kill by pid)."""
+
+    def __init__(self, dir, bridge):
+        self.dir = Path(dir)
+        self.bridge = bridge
+        self.sock = self.dir / "db.sock"
+        self.procs = []
+        self.extra_bridges = []
+        self._lock = None
+
+    @property
+    def endpoint(self):
+        return f"unix:{self.sock}"
+
+    def running(self):
+        return bool(self.procs)
+
+    def _spawn(self, args, log):
+        out = open(self.dir / log, "ab")
+        env = dict(os.environ, OVS_RUNDIR=str(self.dir), OVS_DBDIR=str(self.dir),
+                   OVS_LOGDIR=str(self.dir))
+        p = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=out, stderr=out, env=env)
+        out.close()
+        self.procs.append(p)
+        return p
+
+    def start(self):
+        import fcntl
+
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._lock = open(OVS_LOCK, "a")
+        fcntl.flock(self._lock, fcntl.LOCK_EX)
+        try:
+            # A previous run killed hard may have left the datapath tap behind.
+            _run("ip", "link", "del", "ovs-netdev", check=False)
+            # A fresh database each start (a restart after stop() must not find the old one).
+            for f in ("conf.db", ".conf.db.~lock~", "db.sock"):
+                (self.dir / f).unlink(missing_ok=True)
+            _run("ovsdb-tool", "create", str(self.dir / "conf.db"), OVS_SCHEMA)
+            self._spawn(["ovsdb-server", str(self.dir / "conf.db"),
+                         f"--remote=punix:{self.sock}",
+                         f"--unixctl={self.dir / 'ovsdb.ctl'}", "-vconsole:off",
+                         f"--log-file={self.dir / 'ovsdb-server.log'}"], "ovsdb-server.out")
+            wait_until(self.sock.exists, 10, "ovsdb socket")
+            self.vsctl("--no-wait", "init")
+            # As the Rust harness: TCP over veth needs it on the userspace datapath here.
+            self.vsctl("--no-wait", "set", "Open_vSwitch", ".",
+                       "other_config:userspace-tso-enable=true")
+            self._spawn(["ovs-vswitchd", self.endpoint,
+                         f"--unixctl={self.dir / 'vswitchd.ctl'}", "-vconsole:off",
+                         f"--log-file={self.dir / 'ovs-vswitchd.log'}"], "ovs-vswitchd.out")
+            wait_until((self.dir / "vswitchd.ctl").exists, 10, "vswitchd control socket")
+            self.vsctl("--timeout=20", "add-br", self.bridge, "--", "set", "bridge",
+                       self.bridge, "datapath_type=netdev")
+        except Exception:
+            self.stop()
+            raise
+
+    def vsctl(self, *args):
+        return _run("ovs-vsctl", f"--db={self.endpoint}", *args)
+
+    def add_bridge(self, name):
+        """Another netdev bridge (its host tap is deleted in stop())."""
+        if name not in self.extra_bridges:
+            self.extra_bridges.append(name)
+        self.vsctl("--timeout=20", "--may-exist", "add-br", name, "--", "set", "bridge",
+                   name, "datapath_type=netdev")
+
+    def get(self, table, row, col):
+        return self.vsctl("get", table, row, col).strip()
+
+    def ports(self):
+        return self.vsctl("list-ports", self.bridge).split()
+
+    def stop(self):
+        if self._lock is None:
+            # Never started (or stopped already): the datapath tap, if any, is someone else's.
+            return
+        if len(self.procs) > 1:
+            subprocess.run(["timeout", "5", "ovs-appctl", "-t", str(self.dir / "vswitchd.ctl"),
+                            "exit", "--cleanup"], capture_output=True)
+        for p in reversed(self.procs):
+            try:
+                p.wait(timeout=5 if p is self.procs[-1] else 0.1)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        self.procs = []
+        for dev in (self.bridge, *self.extra_bridges, "ovs-netdev"):
+            _run("ip", "link", "del", dev, check=False)
+        self.extra_bridges = []
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+
+
+class Procfs:
+    """A real fatbox-procfs on a private mount and registry (so `nproc`, `free` inside
+    follow the flavor), shut down by its own `shutdown` command, then by pid."""
+
     def __init__(self):
+        if not (bin_dir() / "fatbox-procfs").exists() and not os.environ.get("FATBOX_BIN_DIR"):
+            # `cargo test -p driver` alone does not build the other package's binary.
+            subprocess.run(["cargo", "build", "--release", "-p", "procfs-fuse", "--bin",
+                            "fatbox-procfs"], cwd=ROOT, check=True)
+        self.dir = Path(tempfile.mkdtemp(prefix="fatbox-nova-procfs-", dir="/run"))
+        self.mount = self.dir / "mnt"
+        self.registry = self.dir / "registry"
+        self.keeper = self.dir / "keeper.sock"
+        self.mount.mkdir()
+        self.registry.mkdir()
+        log = open(self.dir / "procfs.log", "ab")
+        self.proc = subprocess.Popen(
+            [str(bin_dir() / "fatbox-procfs"), "serve", "--mount", str(self.mount),
+             "--registry", str(self.registry), "--keeper-socket", str(self.keeper)],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+        )
+        log.close()
+        try:
+            wait_until(lambda: os.path.ismount(self.mount) or self.proc.poll() is not None,
+                       30, "fatbox-procfs to mount")
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"fatbox-procfs exited: {(self.dir / 'procfs.log').read_text()}")
+        except Exception:
+            self.stop()
+            raise
+
+    def stop(self):
+        subprocess.run([str(bin_dir() / "fatbox-procfs"), "shutdown", "--mount", str(self.mount),
+                        "--keeper-socket", str(self.keeper)], capture_output=True, timeout=30)
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        if os.path.ismount(self.mount):
+            subprocess.run(["umount", "-l", str(self.mount)], capture_output=True)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class Fatboxd:
+    def __init__(self, extra=""):
+        """`extra`: TOML appended to the config (whole sections)."""
         self.dir = Path(tempfile.mkdtemp(prefix="fatbox-nova-", dir="/var/tmp"))
         self.socket = self.dir / "fatboxd.sock"
         self.state = self.dir / "state"
         self.cgroup_parent = f"fatbox-nova-{os.getpid()}"
         self.config = self.dir / "fatbox.toml"
+        # The OVS starts only when a test needs networking (ovs()): until then nothing
+        # connects to this socket, and the host-wide OVS harness lock stays free.
+        self.ovs = Ovs(self.dir / "ovs", f"fbn{uuid.uuid4().hex[:8]}")
+        try:
+            self.procfs = Procfs()
+        except Exception:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            raise
         self.config.write_text(
             f'state_dir = "{self.state}"\nsocket = "{self.socket}"\n'
-            f'cgroup_parent = "{self.cgroup_parent}"\nstop_timeout = 20\n'
-            "[procfs]\n[network]\n[glance]\n"
+            f'cgroup_parent = "{self.cgroup_parent}"\n'
+            f'stop_timeout = {int(os.environ.get("FATBOX_TEST_STOP_TIMEOUT", "20"))}\n'
+            f'[procfs]\nmount = "{self.procfs.mount}"\nregistry = "{self.procfs.registry}"\n'
+            f'[network]\novsdb = "{self.ovs.endpoint}"\n'
+            f'integration_bridge = "{self.ovs.bridge}"\nstandalone = true\n'
+            "reconnect_timeout_ms = 5000\n"
+            "[glance]\n" + extra
         )
         self.log = open(self.dir / "fatboxd.log", "ab")
         self.proc = subprocess.Popen(
@@ -79,7 +247,14 @@ class Fatboxd:
         deadline = time.monotonic() + 30
         while not self._connectable():
             if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"fatboxd did not come up: {self.log_tail()}")
+                tail = self.log_tail()
+                if self.proc.poll() is None:
+                    self.proc.kill()
+                    self.proc.wait()
+                self.procfs.stop()
+                self.log.close()
+                shutil.rmtree(self.dir, ignore_errors=True)
+                raise RuntimeError(f"fatboxd did not come up: {tail}")
             time.sleep(0.01)
 
     def _connectable(self):
@@ -116,6 +291,15 @@ class Fatboxd:
     def import_image(self, name, path):
         self.fatbox("image", "import", str(path), "--name", name, timeout=600)
 
+    def start_ovs(self):
+        """The private OVS behind [network] (idempotent); stop_ovs() releases it."""
+        if not self.ovs.running():
+            self.ovs.start()
+        return self.ovs
+
+    def stop_ovs(self):
+        self.ovs.stop()
+
     def client(self):
         from nova.virt.fatbox import client
 
@@ -139,6 +323,8 @@ class Fatboxd:
                 self.proc.kill()
                 self.proc.wait()
         self.log.close()
+        self.ovs.stop()
+        self.procfs.stop()
         for root in Path("/sys/fs/cgroup").iterdir() if Path("/sys/fs/cgroup").is_dir() else []:
             p = root / self.cgroup_parent
             if p.is_dir():
@@ -211,3 +397,21 @@ def wait_until(fn, timeout, what, interval=0.05):
 
 def dumps(v):
     return json.dumps(v, indent=1, sort_keys=True, default=str)
+
+
+def crypt_matches(password, hashed):
+    """True when `password` hashes to `hashed` with libc's crypt (libxcrypt: yescrypt,
+    sha512crypt, ... whatever the guest's chpasswd chose)."""
+    try:
+        import crypt  # noqa: F401 - deprecated, gone in Python 3.13
+
+        out = crypt.crypt(password, hashed)
+    except ImportError:
+        import ctypes
+        import ctypes.util
+
+        lib = ctypes.CDLL(ctypes.util.find_library("crypt") or "libcrypt.so.1")
+        lib.crypt.restype = ctypes.c_char_p
+        r = lib.crypt(password.encode(), hashed.encode())
+        out = r.decode() if r else None
+    return out == hashed

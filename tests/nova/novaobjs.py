@@ -2,10 +2,12 @@
 database (sqlite, Nova's own fixtures), NeutronFixture, a keypair, flavors, instances."""
 
 import base64
+import contextlib
 import genericpath
 import io
 import os
 import subprocess
+import threading
 import time
 
 import fixtures
@@ -36,6 +38,19 @@ class RecordingVirtAPI(fake.FakeVirtAPI):
     def wait_for_instance_event(self, instance, event_names, timeout=300, error_callback=None):
         self.waited.append(list(event_names))
         return super().wait_for_instance_event(instance, event_names, timeout, error_callback)
+
+
+class DeadlineVirtAPI(RecordingVirtAPI):
+    """As Nova's ComputeVirtAPI when Neutron never sends the events: after the block, waits
+    out the deadline, then raises InstanceEventTimeout."""
+
+    @contextlib.contextmanager
+    def wait_for_instance_event(self, instance, event_names, timeout=300, error_callback=None):
+        self.waited.append(list(event_names))
+        yield
+        if event_names:
+            threading.Event().wait(timeout)
+            raise exception.InstanceEventTimeout()
 
 
 class DriverTestBase(test.TestCase):

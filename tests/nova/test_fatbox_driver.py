@@ -11,7 +11,7 @@ import os
 import time
 
 import harness
-from novaobjs import DriverTestBase, USER_DATA
+from novaobjs import DeadlineVirtAPI, DriverTestBase, USER_DATA
 from nova.compute import power_state
 from nova.compute import provider_tree
 from nova import exception
@@ -226,6 +226,12 @@ class FatboxDriverTest(DriverTestBase):
         self.assertEqual(
             {"vcpus": 1, "memory_mb": 512, "root_gb": 2, "swap_mb": 0}, view["flavor"]
         )
+        # fatboxd's name is Nova's instance name; the guest's hostname is instance.hostname.
+        self.assertEqual(inst.name, view["name"])
+        self.assertNotEqual("vm-one", inst.name)
+        self.assertEqual("vm-one", view["hostname"])
+        self.assertEqual("vm-one", self.fb.exec(name, "hostname").strip())
+        self.assertEqual("vm-one", self.fb.exec(name, "cat /etc/hostname").strip())
 
         # Metadata as a config drive, read from inside the guest.
         md = json.loads(self.fb.exec(name, "cat /config-drive/openstack/latest/meta_data.json"))
@@ -279,14 +285,15 @@ class FatboxDriverTest(DriverTestBase):
         self.assertEqual(power_state.PAUSED, self._state(inst))
         self.driver.unpause(inst)
         self.assertEqual(power_state.RUNNING, self._state(inst))
-        try:
-            self.driver.suspend(self.ctxt, inst)
-        except NotImplementedError as e:
-            print(f"suspend: {e}")
-        else:
-            self.assertEqual(power_state.SUSPENDED, self._state(inst))
-            self.driver.resume(self.ctxt, inst, [])
-            self.assertEqual(power_state.RUNNING, self._state(inst))
+        self.fb.exec(name, "echo kept > /var/tmp/before-suspend")
+        pid_before = self.fb.client().show(inst.uuid)["init_pid"]
+        self.driver.suspend(self.ctxt, inst)
+        self.assertEqual(power_state.SUSPENDED, self._state(inst))
+        self.driver.resume(self.ctxt, inst, [])
+        self.assertEqual(power_state.RUNNING, self._state(inst))
+        self.assertEqual("kept", self.fb.exec(name, "cat /var/tmp/before-suspend").strip())
+        # Still the same boot: a suspend is not a reboot.
+        self.assertEqual(pid_before, self.fb.client().show(inst.uuid)["init_pid"])
 
         # A shutdown inside the guest reaches Nova as a lifecycle event.
         self.driver.poll_events_once()
@@ -354,31 +361,78 @@ class FatboxDriverTest(DriverTestBase):
                 pass
         return None
 
-    def test_resize_and_ops_behind_routes(self):
-        """Resize 1 -> 2 vCPUs through Nova's same-host flow; snapshot/rescue/attach either
-        work or say NotImplementedError (their fatboxd routes land separately)."""
+    def _nproc(self, name):
+        return int(self.fb.exec(name, "nproc").strip())
+
+    def test_resize_confirm_and_revert(self):
+        """Resize 1 -> 2 vCPUs through Nova's same-host flow (nproc follows: fatbox-procfs
+        runs), confirm; then 2 -> 1 reverted as revert_resize + finish_revert_resize do it."""
         inst = self._instance(hostname="vm-resize")
         self._spawn(inst)
         name = fbdriver.FatboxDriver.fatbox_name(inst)
         self.assertEqual(1.0, self._cpu_limit(inst))
-        new = self._flavor("fb.2", 2)
-        self.driver.migrate_disk_and_power_off(self.ctxt, inst, "fatbox-test", new, [])
+        self.assertEqual(1, self._nproc(name))
+        self.fb.exec(name, "echo mine > /var/tmp/resize-marker")
+        one, two = inst.flavor, self._flavor("fb.2", 2)
+        self.driver.migrate_disk_and_power_off(self.ctxt, inst, "fatbox-test", two, [])
         self.assertEqual(power_state.SHUTDOWN, self._state(inst))
-        inst.old_flavor, inst.flavor = inst.flavor, new
-        try:
-            self.driver.finish_migration(
-                self.ctxt, None, inst, "", [], self._image_meta(), True, {}
-            )
-        except NotImplementedError as e:
-            print(f"resize: {e}")
-            self.assertEqual(power_state.RUNNING, self._state(inst))
-        else:
-            self.assertEqual(power_state.RUNNING, self._state(inst))
-            self.assertEqual(2, self.fb.client().show(inst.uuid)["flavor"]["vcpus"])
-            self.assertEqual(2.0, self._cpu_limit(inst))
-            # nproc follows when fatbox-procfs serves cpu/online (not run by this suite).
-            print(f"nproc after resize: {self.fb.exec(name, 'nproc').strip()}")
-            self.driver.confirm_migration(self.ctxt, None, inst, [])
+        inst.old_flavor, inst.flavor = one, two
+        self.driver.finish_migration(self.ctxt, None, inst, "", [], self._image_meta(), True, {})
+        self.assertEqual(power_state.RUNNING, self._state(inst))
+        self.assertEqual(2, self.fb.client().show(inst.uuid)["flavor"]["vcpus"])
+        self.assertEqual(2.0, self._cpu_limit(inst))
+        self.assertEqual(2, self._nproc(name))
+        self.assertEqual("mine", self.fb.exec(name, "cat /var/tmp/resize-marker").strip())
+        self.driver.confirm_migration(self.ctxt, None, inst, [])
+        self.assertEqual(power_state.RUNNING, self._state(inst))
+
+        # Revert: a second resize (to 1 vCPU) is reverted. revert_resize first destroys "the destination" (with
+        # destroy_disks=True: the driver has no shared-storage check); on the same host that
+        # is the instance itself, which must survive for finish_revert_resize.
+        self.driver.migrate_disk_and_power_off(self.ctxt, inst, "fatbox-test", one, [])
+        inst.old_flavor, inst.flavor = two, one
+        self.driver.finish_migration(self.ctxt, None, inst, "", [], self._image_meta(), True, {})
+        self.assertEqual(1, self._nproc(name))
+        inst.task_state = "resize_reverting"
+        inst.flavor = two
+        self.driver.destroy(self.ctxt, inst, [], None, True)
+        self.assertTrue(self.driver.instance_exists(inst))
+        self.assertEqual(power_state.SHUTDOWN, self._state(inst))
+        self.driver.finish_revert_migration(self.ctxt, inst, [], None)
+        inst.task_state = None
+        self.assertEqual(power_state.RUNNING, self._state(inst))
+        self.assertEqual(2, self.fb.client().show(inst.uuid)["flavor"]["vcpus"])
+        self.assertEqual(2, self._nproc(name))
+        self.assertEqual("mine", self.fb.exec(name, "cat /var/tmp/resize-marker").strip())
+
+    def test_rescue_and_snapshot(self):
+        """Rescue boots the rescue system with the instance's disk at /mnt/rescue; unrescue
+        boots the original disk again. Snapshot: update_task_state in order, guest running."""
+        inst = self._instance(hostname="vm-rescue")
+        self._spawn(inst)
+        name = fbdriver.FatboxDriver.fatbox_name(inst)
+        self.fb.exec(name, "echo original > /root/marker")
+        pid = self.fb.client().show(inst.uuid)["init_pid"]
+        self.driver.rescue(self.ctxt, inst, [], self._image_meta(), "rescue-pw")
+        view = self.fb.client().show(inst.uuid)
+        self.assertEqual("rescued", view["state"])
+        self.assertEqual(power_state.RUNNING, self._state(inst))
+        self.assertNotEqual(pid, view["init_pid"])
+        # The rescue system runs from its own disk; the instance's is at /mnt/rescue.
+        self.assertNotEqual(0, self.fb.fatbox("exec", name, "--", "test", "-e", "/root/marker",
+                                              check=False).returncode)
+        self.assertEqual("original", self.fb.exec(name, "cat /mnt/rescue/root/marker").strip())
+        self.fb.exec(name, "echo repaired > /mnt/rescue/root/repaired; echo junk > /root/junk")
+        self.driver.unrescue(self.ctxt, inst)
+        view = self.fb.client().show(inst.uuid)
+        self.assertEqual("running", view["state"])
+        self.assertEqual(power_state.RUNNING, self._state(inst))
+        self.assertEqual("original", self.fb.exec(name, "cat /root/marker").strip())
+        self.assertEqual("repaired", self.fb.exec(name, "cat /root/repaired").strip())
+        self.assertNotEqual(0, self.fb.fatbox("exec", name, "--", "test", "-e", "/root/junk",
+                                              check=False).returncode)
+        self.assertNotEqual(0, self.fb.fatbox("exec", name, "--", "test", "-e",
+                                              "/mnt/rescue/root/marker", check=False).returncode)
 
         calls = []
         try:
@@ -391,8 +445,43 @@ class FatboxDriverTest(DriverTestBase):
         self.assertEqual(["image_pending_upload", "image_uploading"],
                          [c["task_state"] for c in calls])
         self.assertEqual(power_state.RUNNING, self._state(inst), "snapshot stopped the guest")
-        self.assertRaises(NotImplementedError,
-                          self.driver.get_serial_console, self.ctxt, inst)
+        # test_serial_console.py covers it; here: it answers for a resized instance too.
+        self.assertIsInstance(self.driver.get_serial_console(self.ctxt, inst).port, int)
+
+    def _root_hash(self, name):
+        line = self.fb.exec(name, "grep '^root:' /etc/shadow").strip()
+        return line.split(":")[1]
+
+    def test_set_admin_password(self):
+        inst = self._instance(hostname="vm-pw")
+        self._spawn(inst)
+        name = fbdriver.FatboxDriver.fatbox_name(inst)
+        before = self._root_hash(name)
+        pw = "N3w-adm1n:pass word"
+        self.driver.set_admin_password(inst, pw)
+        after = self._root_hash(name)
+        self.assertNotEqual(before, after)
+        self.assertTrue(after.startswith("$"), after)
+        self.assertTrue(harness.crypt_matches(pw, after), f"{after} does not verify")
+        self.assertFalse(harness.crypt_matches("wrong", after))
+        self.assertNotIn(pw, self.fb.log_tail(10_000_000), "password in fatboxd's log")
+
+        # A guest that cannot (no chpasswd): SetAdminPasswdNotSupported, as libvirt says
+        # for a guest without its agent; nothing changed.
+        self.fb.exec(name, "mv /usr/sbin/chpasswd /usr/sbin/chpasswd.off")
+        self.assertRaises(exception.SetAdminPasswdNotSupported,
+                          self.driver.set_admin_password, inst, "other-pass")
+        self.fb.exec(name, "mv /usr/sbin/chpasswd.off /usr/sbin/chpasswd")
+        self.assertEqual(after, self._root_hash(name))
+        # An unknown user (os_admin_user): chpasswd fails inside -> InstancePasswordSetFailed.
+        inst.system_metadata["image_os_admin_user"] = "nosuchuser"
+        self.assertRaises(exception.InstancePasswordSetFailed,
+                          self.driver.set_admin_password, inst, "other-pass")
+        del inst.system_metadata["image_os_admin_user"]
+        # Not running.
+        self.driver.power_off(inst, timeout=0)
+        self.assertRaises(exception.InstancePasswordSetFailed,
+                          self.driver.set_admin_password, inst, "other-pass")
 
     def test_spawn_failures_leave_nothing(self):
         inst = self._instance(hostname="vm-bad")
@@ -404,17 +493,117 @@ class FatboxDriverTest(DriverTestBase):
         )
         self.assertFalse(self.driver.instance_exists(inst))
 
-        # A Neutron port: plugged when fatboxd has networking, else refused cleanly.
-        # (Nova's test config sets vif_plugging_timeout to 0, which disables the wait.)
-        self.flags(vif_plugging_timeout=300)
-        inst2 = self._instance(hostname="vm-net")
-        vif = vif_from_neutron(NEUTRON_PORT, NEUTRON_NETWORK, NEUTRON_SUBNETS)
-        try:
-            self._spawn(inst2, network_model.NetworkInfo([vif]))
-        except exception.InstanceDeployFailure as e:
-            print(f"spawn with a VIF: {e}")
-            self.assertFalse(self.driver.instance_exists(inst2))
-        else:
-            self.assertEqual(power_state.RUNNING, self._state(inst2))
-        self.assertIn([("network-vif-plugged", NEUTRON_PORT["id"])], self.virtapi.waited)
 
+def neutron_port(port_id, mac, ip, status="ACTIVE", vlan=120, mtu=1450, bridge="br-int",
+                 net="10.20.0"):
+    """A bound port, its network and subnet as Neutron's API returns them."""
+    port = dict(NEUTRON_PORT, id=port_id, mac_address=mac, status=status,
+                network_id=f"net-{vlan}",
+                fixed_ips=[{"subnet_id": f"sub-{vlan}", "ip_address": ip}])
+    port["binding:vif_details"] = dict(NEUTRON_PORT["binding:vif_details"],
+                                       bridge_name=bridge, segmentation_id=vlan)
+    network = dict(NEUTRON_NETWORK, id=f"net-{vlan}", name=f"net{vlan}", mtu=mtu,
+                   **{"provider:segmentation_id": vlan})
+    subnets = {f"sub-{vlan}": dict(NEUTRON_SUBNETS["sub-v4"], id=f"sub-{vlan}",
+                                   cidr=f"{net}.0/24", gateway_ip=f"{net}.1",
+                                   dns_nameservers=[], host_routes=[])}
+    vif = vif_from_neutron(port, network, subnets)
+    # Through JSON, as Nova stores it (instance_info_cache) and hands it to the driver.
+    return network_model.NetworkInfo.hydrate(json.loads(network_model.NetworkInfo([vif]).json()))[0]
+
+
+class FatboxNetworkTest(DriverTestBase):
+    """Neutron-style VIFs on a private OVS (userspace datapath) behind fatboxd."""
+
+    PORT0 = "0b6f3c2a-91d4-4e5b-8c7a-2f1e0d9c8b70"
+    PORT1 = "7d41e9b5-36a8-4c2f-9e1b-5a4d3c2b1a01"
+
+    @classmethod
+    def tearDownClass(cls):
+        # The OVS harness lock is host-wide (the Rust network tests take it too).
+        if harness._daemon is not None:
+            harness._daemon.stop_ovs()
+        super().tearDownClass()
+
+    def setUp(self):
+        super().setUp()
+        self.ovs = self.fb.start_ovs()
+        self.flags(vif_plugging_timeout=300)
+
+    def _ovs_iface(self, port_id):
+        return self.ovs.vsctl("--bare", "--columns=name", "find", "Interface",
+                              f"external_ids:iface-id={port_id}").strip()
+
+    def _ext(self, iface, key):
+        return self.ovs.get("Interface", iface, f"external_ids:{key}").strip('"')
+
+    def _guest_link(self, name, dev):
+        p = self.fb.fatbox("exec", name, "--", "cat", f"/sys/class/net/{dev}/address",
+                           f"/sys/class/net/{dev}/mtu", check=False)
+        return p.stdout.split() if p.returncode == 0 else None
+
+    def test_attach_detach_interface(self):
+        inst = self._instance(hostname="vm-net")
+        eth0 = neutron_port(self.PORT0, "fa:16:3e:00:00:e0", "10.20.0.10",
+                            bridge=self.ovs.bridge)
+        self._spawn(inst, network_model.NetworkInfo([eth0]))
+        self.assertEqual(power_state.RUNNING, self._state(inst))
+        # An ACTIVE port: nothing to wait for.
+        self.assertEqual([[]], self.virtapi.waited)
+        name = fbdriver.FatboxDriver.fatbox_name(inst)
+        self.assertEqual(["fa:16:3e:00:00:e0", "1450"], self._guest_link(name, "eth0"))
+
+        eth1 = neutron_port(self.PORT1, "fa:16:3e:00:00:e1", "10.30.0.11", vlan=121,
+                            mtu=1400, bridge=self.ovs.bridge, net="10.30.0")
+        self.driver.attach_interface(self.ctxt, inst, self._image_meta(), eth1)
+        link = harness.wait_until(lambda: self._guest_link(name, "eth1"), 30, "eth1 in the guest")
+        self.assertEqual(["fa:16:3e:00:00:e1", "1400"], link)
+        iface = self._ovs_iface(self.PORT1)
+        self.assertTrue(iface, "no OVS interface with the port's iface-id")
+        self.assertEqual("fa:16:3e:00:00:e1", self._ext(iface, "attached-mac"))
+        self.assertEqual(inst.uuid, self._ext(iface, "vm-uuid"))
+        self.assertEqual("121", self.ovs.get("Port", iface, "tag"))
+        self.assertEqual("120", self.ovs.get("Port", self._ovs_iface(self.PORT0), "tag"))
+        self.assertIn(iface, self.ovs.ports())
+        # The guest got the port's address too.
+        addrs = self.fb.exec(name, "ip -o addr show dev eth1 2>/dev/null || true")
+        print(f"eth1 addresses: {addrs.strip()}")
+
+        self.driver.detach_interface(self.ctxt, inst, eth1)
+        harness.wait_until(lambda: self._guest_link(name, "eth1") is None, 30,
+                           "eth1 to leave the guest")
+        self.assertEqual("", self._ovs_iface(self.PORT1))
+        self.assertNotIn(iface, self.ovs.ports())
+        self.assertEqual(["fa:16:3e:00:00:e0", "1450"], self._guest_link(name, "eth0"))
+        self.driver.detach_interface(self.ctxt, inst, eth1)  # idempotent
+
+        self.driver.destroy(self.ctxt, inst, [eth0])
+        self.assertEqual("", self._ovs_iface(self.PORT0))
+
+    def test_spawn_waits_for_vif_plugged(self):
+        """Nova waits for network-vif-plugged of the ports Neutron has not made ACTIVE."""
+        inst = self._instance(hostname="vm-wait")
+        up = neutron_port(self.PORT0, "fa:16:3e:00:01:e0", "10.20.0.20",
+                          bridge=self.ovs.bridge)
+        down = neutron_port(self.PORT1, "fa:16:3e:00:01:e1", "10.30.0.21", status="DOWN",
+                            vlan=121, bridge=self.ovs.bridge, net="10.30.0")
+        self._spawn(inst, network_model.NetworkInfo([up, down]))
+        self.assertEqual([[("network-vif-plugged", self.PORT1)]], self.virtapi.waited)
+        self.assertEqual(power_state.RUNNING, self._state(inst))
+        self.assertTrue(self._ovs_iface(self.PORT0))
+        self.assertTrue(self._ovs_iface(self.PORT1))
+
+    def test_vif_plugging_deadline_cleans_up(self):
+        """No event before vif_plugging_timeout and vif_plugging_is_fatal: spawn fails with
+        VirtualInterfaceCreateException and leaves no instance, port or state behind."""
+        self.flags(vif_plugging_timeout=2, vif_plugging_is_fatal=True)
+        self.driver.virtapi = DeadlineVirtAPI()
+        inst = self._instance(hostname="vm-late")
+        down = neutron_port(self.PORT1, "fa:16:3e:00:02:e1", "10.30.0.31", status="DOWN",
+                            vlan=121, bridge=self.ovs.bridge, net="10.30.0")
+        self.assertRaises(exception.VirtualInterfaceCreateException, self._spawn, inst,
+                          network_model.NetworkInfo([down]))
+        self.assertEqual([[("network-vif-plugged", self.PORT1)]], self.driver.virtapi.waited)
+        self.assertFalse(self.driver.instance_exists(inst))
+        self.assertEqual("", self._ovs_iface(self.PORT1))
+        self.assertFalse((self.fb.state / "instances" / inst.uuid).exists())

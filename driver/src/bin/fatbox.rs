@@ -124,11 +124,22 @@ enum Cmd {
     Delete {
         id: String,
     },
-    /// Console output (the tail of console.log).
+    /// Attach to the console (Ctrl-] detaches; without a terminal, a pipe: stdin in, output
+    /// out, until the console closes or a signal); `--log` prints the tail of console.log.
     Console {
         id: String,
-        #[arg(long, default_value_t = 65536)]
+        /// Print the tail of console.log and exit instead of attaching.
+        #[arg(long)]
+        log: bool,
+        /// With --log: how many bytes of the log.
+        #[arg(long, default_value_t = 65536, requires = "log")]
         bytes: u64,
+        /// Attach: replay this many bytes of the log first.
+        #[arg(long, default_value_t = 0, conflicts_with = "log")]
+        tail: u64,
+        /// Attach without sending input (input is read and discarded).
+        #[arg(long, conflicts_with = "log")]
+        readonly: bool,
     },
     /// Run a command inside; exits with its exit code.
     Exec {
@@ -162,6 +173,16 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Snapshot the instance (running, paused or shut off) to Glance as a new image on top
+    /// of the one it was booted from; prints the new Glance image id.
+    Snapshot {
+        id: String,
+        /// Name of the new Glance image (default `<instance>-snapshot-<unix time>`).
+        #[arg(long)]
+        image_name: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Host resources.
     Host {
         #[arg(long)]
@@ -189,6 +210,21 @@ enum ImageCmd {
     },
     /// Check the Glance layer cache (every blob digest, every record); exit 1 if unclean.
     Fsck {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write an instance as a flat VM disk (GPT + ext4, qcow2 v3, no backing file).
+    Export {
+        instance: String,
+        /// The qcow2 file to write.
+        #[arg(long, value_name = "OUT")]
+        qcow2: PathBuf,
+        /// Virtual disk size in GiB (default: the flavor's disk, or what the tree needs).
+        #[arg(long)]
+        size_gb: Option<u64>,
+        /// Replace OUT if it exists.
+        #[arg(long)]
+        force: bool,
         #[arg(long)]
         json: bool,
     },
@@ -336,6 +372,45 @@ async fn run(args: Args) -> anyhow::Result<i32> {
         Cmd::Image {
             cmd: ImageCmd::Pull { glance_id, json },
         } => return pull(&c, &glance_id, json).await,
+        Cmd::Image {
+            cmd:
+                ImageCmd::Export {
+                    instance,
+                    qcow2,
+                    size_gb,
+                    force,
+                    json,
+                },
+        } => {
+            // fatboxd writes the file: it needs an absolute path, not the CLI's cwd.
+            let out = if qcow2.is_absolute() {
+                qcow2
+            } else {
+                std::env::current_dir().context("current dir")?.join(qcow2)
+            };
+            let v = call(
+                &c,
+                "POST",
+                &format!("/v1/instances/{}/export", path_id(&instance)?),
+                Some(
+                    json!({"path": out, "format": "qcow2", "size_gb": size_gb, "overwrite": force}),
+                ),
+            )
+            .await?;
+            if json {
+                println!("{v:#}");
+            } else {
+                println!(
+                    "{}: {} MiB qcow2, {} GiB virtual, / = UUID={} (frozen {} ms, total {} ms)",
+                    out.display(),
+                    v["file_size"].as_u64().unwrap_or(0) >> 20,
+                    v["virtual_size"].as_u64().unwrap_or(0) >> 30,
+                    v["filesystem_uuid"].as_str().unwrap_or_default(),
+                    v["frozen_ms"],
+                    v["total_ms"],
+                );
+            }
+        }
         Cmd::Image {
             cmd: ImageCmd::Fsck { json },
         } => {
@@ -495,7 +570,39 @@ async fn run(args: Args) -> anyhow::Result<i32> {
             )
             .await?;
         }
-        Cmd::Console { id, bytes } => {
+        Cmd::Snapshot {
+            id,
+            image_name,
+            json,
+        } => {
+            let v = call(
+                &c,
+                "POST",
+                &format!("/v1/instances/{}/snapshot", path_id(&id)?),
+                Some(json!({"name": image_name})),
+            )
+            .await?;
+            if json {
+                println!("{v:#}");
+            } else {
+                println!("{}", v["image_id"].as_str().unwrap_or_default());
+                eprintln!(
+                    "parent {}, layer {} ({} bytes uploaded), {:.1} s",
+                    v["parent"].as_str().unwrap_or_default(),
+                    v["layer_digest"].as_str().unwrap_or_default(),
+                    v["layer_size"],
+                    v["seconds"].as_f64().unwrap_or_default()
+                );
+            }
+        }
+        Cmd::Console {
+            id,
+            log: false,
+            tail,
+            readonly,
+            ..
+        } => return console_attach(&c, path_id(&id)?, tail, readonly).await,
+        Cmd::Console { id, bytes, .. } => {
             let r = c
                 .request(
                     "GET",
@@ -690,4 +797,98 @@ async fn exec(c: &Client, id: &str, cmd: &[String], tty: bool) -> anyhow::Result
         allow_perf_event,
     })?;
     Ok(code)
+}
+
+/// Ctrl-]: detaches an interactive attach, as in telnet and virsh console.
+const DETACH: u8 = 0x1d;
+
+/// `fatbox console NAME`: the console over fatboxd's WebSocket. On a terminal: raw mode
+/// (restored on every way out, by the guard's Drop), Ctrl-] detaches. Otherwise stdin and
+/// stdout are plain byte pipes, and the end of stdin does not detach: output keeps coming
+/// until the console closes or SIGINT/SIGTERM/SIGHUP.
+async fn console_attach(c: &Client, id: &str, tail: u64, readonly: bool) -> anyhow::Result<i32> {
+    use futures::{SinkExt, StreamExt};
+    use std::io::{IsTerminal, Write};
+    use std::os::fd::AsFd;
+    use tokio::signal::unix::{signal, SignalKind};
+    use tokio_tungstenite::tungstenite::Message;
+
+    let mut ws = c.attach_console(id, tail, readonly).await?;
+    let tty = std::io::stdin().is_terminal();
+    let _raw = if tty {
+        let g = driver::ops::exec::RawMode::enter(std::io::stdin().as_fd());
+        eprint!("Connected to the console of {id}; Ctrl-] detaches.\r\n");
+        g
+    } else {
+        None
+    };
+    // A thread, not tokio's stdin: a read blocked at exit must not hold the runtime.
+    let (in_tx, mut in_rx) = tokio::sync::mpsc::channel::<Vec<u8>>(16);
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        let mut stdin = std::io::stdin().lock();
+        loop {
+            use std::io::Read;
+            match stdin.read(&mut buf) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => {
+                    if in_tx.blocking_send(buf[..n].to_vec()).is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    });
+    let mut term = signal(SignalKind::terminate())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut stdin_open = true;
+    let mut out = std::io::stdout();
+    let why = loop {
+        tokio::select! {
+            msg = ws.next() => match msg {
+                Some(Ok(Message::Binary(b))) => {
+                    out.write_all(&b)?;
+                    out.flush()?;
+                }
+                Some(Ok(Message::Text(t))) => {
+                    out.write_all(t.as_bytes())?;
+                    out.flush()?;
+                }
+                Some(Ok(Message::Close(_))) | None => break "console closed",
+                Some(Ok(_)) => {}
+                Some(Err(e)) => break if matches!(e, tokio_tungstenite::tungstenite::Error::ConnectionClosed) {
+                    "console closed"
+                } else {
+                    "connection to fatboxd lost"
+                },
+            },
+            data = in_rx.recv(), if stdin_open => match data {
+                Some(mut d) => {
+                    let detach = tty && d.contains(&DETACH);
+                    if detach {
+                        let at = d.iter().position(|&b| b == DETACH).unwrap_or(0);
+                        d.truncate(at);
+                    }
+                    if !d.is_empty() {
+                        ws.send(Message::Binary(d.into())).await?;
+                    }
+                    if detach {
+                        break "detached";
+                    }
+                }
+                None => stdin_open = false,
+            },
+            _ = term.recv() => break "detached",
+            _ = hup.recv() => break "detached",
+            _ = int.recv() => break "detached",
+        }
+    };
+    // A fatboxd that stopped answering must not keep the terminal raw.
+    let _ = tokio::time::timeout(Duration::from_secs(1), ws.close(None)).await;
+    drop(_raw);
+    if tty || why != "detached" {
+        eprintln!("\n[{why}]");
+    }
+    Ok(0)
 }

@@ -73,6 +73,98 @@ pub fn exec(req: &ExecRequest<'_>) -> Result<i32> {
         .unwrap_or_else(|| 128 + status.signal().unwrap_or(0)))
 }
 
+/// Runs a command inside with `input` on its stdin and no terminal, for fatboxd's own guest
+/// operations (set_password). Unlike `exec`, the caller stays where it is: fatboxd must not
+/// move itself into an instance's cgroups, so only the forked child joins them (by writing
+/// "0" to fds opened before the fork). Secrets go through stdin, never argv (visible in ps).
+/// The command is killed after `timeout`: a guest can replace the binary with anything.
+pub fn run_with_input(
+    req: &ExecRequest<'_>,
+    input: &[u8],
+    timeout: std::time::Duration,
+) -> Result<(i32, String)> {
+    use std::io::{Read, Seek, Write};
+    let (prog, args) = req
+        .cmd
+        .split_first()
+        .ok_or_else(|| Error::Invalid("exec: empty command".into()))?;
+    let mut procs = Vec::new();
+    for d in req.cgroups {
+        let p = d.join("cgroup.procs");
+        procs.push(File::options().write(true).open(&p).map_err(io(p))?);
+    }
+    let filter = if req.seccomp {
+        Some(crate::seccomp::build(req.allow_perf_event)?)
+    } else {
+        None
+    };
+    let target = crate::enter::Target::open(req.init_pid, filter)?;
+    // A file, not a pipe: nothing to drain while waiting, and a command that leaves a child
+    // holding the pipe open cannot block us.
+    let mut errf = tempfile::tempfile().map_err(io("stderr tempfile"))?;
+    let mut cmd = Command::new(prog);
+    // SAFETY: only raw syscalls (write on fds opened above, then Target::enter) run between
+    // fork and exec; the parent is multi-threaded, so nothing may allocate there.
+    unsafe {
+        cmd.pre_exec(move || {
+            for f in &procs {
+                if libc::write(f.as_raw_fd(), c"0".as_ptr().cast(), 1) != 1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            target.enter()
+        });
+    }
+    cmd.args(args)
+        .env_clear()
+        .env(
+            "PATH",
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        )
+        .env("HOME", "/root")
+        .env("LANG", "C")
+        .env("container", "fatbox")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(
+            errf.try_clone().map_err(io("stderr tempfile"))?,
+        ));
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        // exec inside failed: report it as the shell would.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((127, e.to_string())),
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            return Ok((126, e.to_string()))
+        }
+        Err(e) => return Err(Error::io(prog, e)),
+    };
+    if let Some(mut stdin) = child.stdin.take() {
+        // EPIPE: the command exited without reading; its status says why.
+        let _ = stdin.write_all(input);
+    }
+    let deadline = std::time::Instant::now() + timeout;
+    let status = loop {
+        if let Some(st) = child.try_wait().map_err(io(prog))? {
+            break st;
+        }
+        if std::time::Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(Error::Timeout(format!("{prog} inside the instance")));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    };
+    let mut err = String::new();
+    let _ = errf.rewind();
+    let _ = Read::take(&mut errf, 4096).read_to_string(&mut err);
+    Ok((
+        status
+            .code()
+            .unwrap_or_else(|| 128 + status.signal().unwrap_or(0)),
+        err,
+    ))
+}
+
 /// Opens a pty pair in the instance's devpts: `tty` inside names a device that exists there,
 /// and the instance's own pty limits apply.
 fn open_pty(init_pid: i32) -> Result<(OwnedFd, OwnedFd)> {
@@ -133,13 +225,14 @@ fn open_pty(init_pid: i32) -> Result<(OwnedFd, OwnedFd)> {
 }
 
 /// Restores the terminal mode on drop (also on error paths).
-struct RawMode {
+pub struct RawMode {
     fd: i32,
     saved: nix::sys::termios::Termios,
 }
 
 impl RawMode {
-    fn enter(fd: std::os::fd::BorrowedFd<'_>) -> Option<RawMode> {
+    /// Raw mode on `fd`; None when it is not a terminal.
+    pub fn enter(fd: std::os::fd::BorrowedFd<'_>) -> Option<RawMode> {
         let saved = nix::sys::termios::tcgetattr(fd).ok()?;
         let mut raw = saved.clone();
         nix::sys::termios::cfmakeraw(&mut raw);

@@ -126,6 +126,13 @@ class Client:
             "GET", f"/v1/instances/{urllib.parse.quote(ident)}/console", query=q, raw=True
         )
 
+    def serial_console(self, ident):
+        """{"host", "port", "protocol": "tcp"}: a TCP port relaying raw bytes to the console
+        (opened on first use, kept until delete); 501 when the host has them disabled."""
+        return self.request(
+            "POST", f"/v1/instances/{urllib.parse.quote(ident)}/serial-console"
+        )
+
     def host(self):
         return self.request("GET", "/v1/host")
 

@@ -165,6 +165,15 @@ class FatboxDriver(driver.ComputeDriver):
                 keys.append(k.strip())
         return keys
 
+    @staticmethod
+    def _hostname(instance):
+        """Nova's instance.hostname (the name is instance-%08x). An FQDN longer than the
+        kernel's 64 bytes keeps its first label, as `hostname -s` would show it."""
+        h = (instance.hostname if "hostname" in instance else None) or ""
+        if len(h) > 64 and "." in h:
+            h = h.split(".", 1)[0]
+        return h or None
+
     def _image_ref(self, image_meta):
         return CONF.fatbox.image_template.format(
             image_id=getattr(image_meta, "id", None) or "",
@@ -417,6 +426,9 @@ class FatboxDriver(driver.ComputeDriver):
             "ssh_keys": self._ssh_keys(instance),
             "nics": nics,
         }
+        hostname = self._hostname(instance)
+        if hostname:
+            spec["hostname"] = hostname
         if CONF.fatbox.config_drive:
             spec["config_drive"] = self._config_drive_files(
                 context, instance, injected_files, admin_password, network_info
@@ -460,6 +472,16 @@ class FatboxDriver(driver.ComputeDriver):
 
     def destroy(self, context, instance, network_info, block_device_info=None,
                 destroy_disks=True, destroy_secrets=True, **kwargs):
+        if instance.task_state == task_states.RESIZE_REVERTING:
+            # revert_resize destroys "the destination"; fatbox resizes in place, so that is
+            # the instance itself, which finish_revert_migration resizes back and starts.
+            LOG.info("destroy during a same-host resize revert: powering off only",
+                     instance=instance)
+            try:
+                self._action(instance, "stop", timeout=0)
+            except exception.InstanceNotFound:
+                pass
+            return
         try:
             self.client.delete(instance.uuid)
         except fbclient.NotFound:
@@ -524,6 +546,10 @@ class FatboxDriver(driver.ComputeDriver):
         self._action(instance, "rescue", **body)
 
     def unrescue(self, context, instance, **kwargs):
+        # Idempotent like libvirt's: an instance that is not rescued stays as it is.
+        if self._show(instance).get("state") != "rescued":
+            LOG.debug("unrescue: instance is not rescued", instance=instance)
+            return
         self._action(instance, "unrescue")
 
     def get_console_output(self, context, instance, **kwargs):
@@ -535,8 +561,18 @@ class FatboxDriver(driver.ComputeDriver):
         return data.decode("latin-1")
 
     def get_serial_console(self, context, instance, **kwargs):
-        # Needs a TCP endpoint on the console pty for nova-serialproxy; fatboxd has none yet.
-        raise _not_implemented("serial consoles")
+        # fatboxd opens a TCP port on its `[console] serial_listen` address that relays raw
+        # bytes to the console pty: what nova-serialproxy connects to, as with libvirt.
+        from nova.console import type as ctype
+        try:
+            c = self.client.serial_console(instance.uuid)
+        except fbclient.NotFound:
+            raise exception.InstanceNotFound(instance_id=instance.uuid)
+        except fbclient.FatboxError as e:
+            if e.status == 501:
+                raise exception.ConsoleTypeUnavailable(console_type="serial")
+            raise
+        return ctype.ConsoleSerial(host=c["host"], port=c["port"])
 
     @staticmethod
     def _cgroup_files(view, name):
@@ -710,7 +746,29 @@ class FatboxDriver(driver.ComputeDriver):
             raise exception.NovaException(f"fatboxd snapshot: {e.message}")
 
     def set_admin_password(self, instance, new_pass, **kwargs):
-        self._action(instance, "set_password", what="set_admin_password", password=new_pass)
+        """The guest's own chpasswd sets it (fatboxd pipes it on stdin: no argv, no log)."""
+        body = {"password": new_pass}
+        try:
+            user = instance.image_meta.properties.get("os_admin_user")
+        except Exception:  # noqa: BLE001 - no image metadata: the default user
+            user = None
+        if user:
+            body["user"] = user
+        try:
+            self.client.action(instance.uuid, "set_password", **body)
+        except fbclient.FatboxError as e:
+            if isinstance(e, fbclient.NotFound) and not _unsupported("set_password", e):
+                raise exception.InstanceNotFound(instance_id=instance.uuid)
+            if _unsupported("set_password", e):
+                # An older fatboxd, or a guest without chpasswd: as libvirt says for a guest
+                # without the agent.
+                raise exception.SetAdminPasswdNotSupported()
+            if isinstance(e, fbclient.Conflict):
+                raise exception.InstancePasswordSetFailed(
+                    instance=instance.uuid, reason="the instance is not running"
+                )
+            # fatboxd's message never contains the password (it redacts chpasswd's output).
+            raise exception.InstancePasswordSetFailed(instance=instance.uuid, reason=e.message)
 
     def migrate_disk_and_power_off(self, context, instance, dest, flavor, network_info,
                                    block_device_info=None, timeout=0, retry_interval=0,
