@@ -415,3 +415,58 @@ def crypt_matches(password, hashed):
         r = lib.crypt(password.encode(), hashed.encode())
         out = r.decode() if r else None
     return out == hashed
+
+
+class OpsNetns:
+    """An operator's seat on the private OVS: a netns of its own whose eth0 is a veth with
+    the host end as an access port (`tag`) of `ovs.bridge`. Traffic from it stays inside the
+    netns and the OVS; no host interface but the veth it creates is touched. close() removes
+    the OVS port, the veth and the netns, whatever part of the setup got done."""
+
+    def __init__(self, ovs, vlan, cidr, mtu=1450):
+        tag = uuid.uuid4().hex[:8]
+        self.ovs = ovs
+        self.ns = f"fatbox-nova-ops-{tag}"
+        self.link = f"fbo{tag}"
+        self._created = []
+        try:
+            _run("ip", "netns", "add", self.ns)
+            self._created.append("netns")
+            _run("ip", "link", "add", self.link, "mtu", str(mtu), "type", "veth", "peer",
+                 "name", "eth0", "mtu", str(mtu), "netns", self.ns)
+            self._created.append("veth")
+            _run("ip", "link", "set", self.link, "up")
+            self.run("ip", "link", "set", "lo", "up")
+            self.run("ip", "link", "set", "eth0", "up")
+            self.run("ip", "addr", "add", cidr, "dev", "eth0")
+            self._created.append("port")
+            ovs.vsctl("--may-exist", "add-port", ovs.bridge, self.link, f"tag={vlan}")
+        except Exception:
+            self.close()
+            raise
+
+    def run(self, *args, check=True):
+        return _run("ip", "netns", "exec", self.ns, *args, check=check)
+
+    def popen_run(self, *args, timeout=30):
+        """`args` inside the netns: the CompletedProcess (stdout, stderr, returncode)."""
+        return subprocess.run(["ip", "netns", "exec", self.ns, *args], stdin=subprocess.DEVNULL,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              timeout=timeout)
+
+    def close(self):
+        if "port" in self._created and self.ovs.running():
+            self.ovs.vsctl("--if-exists", "del-port", self.ovs.bridge, self.link)
+        if "veth" in self._created:
+            _run("ip", "link", "del", self.link, check=False)
+        if "netns" in self._created:
+            _run("ip", "netns", "del", self.ns, check=False)
+        self._created = []
+
+
+def ssh_argv(key, user, ip, *cmd):
+    """Non-interactive ssh with only `key` (no agent, no known_hosts)."""
+    return ["ssh", "-i", str(key), "-o", "IdentitiesOnly=yes", "-o", "IdentityAgent=none",
+            "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+            "-o", "BatchMode=yes", "-o", "ConnectTimeout=3", "-o", "LogLevel=ERROR",
+            f"{user}@{ip}", *cmd]

@@ -8,6 +8,7 @@ InstanceMetadata needs (block device mappings, EC2 ids); Neutron is Nova's Neutr
 
 import json
 import os
+import subprocess
 import time
 
 import harness
@@ -607,3 +608,63 @@ class FatboxNetworkTest(DriverTestBase):
         self.assertFalse(self.driver.instance_exists(inst))
         self.assertEqual("", self._ovs_iface(self.PORT1))
         self.assertFalse((self.fb.state / "instances" / inst.uuid).exists())
+
+    def test_cloudinit_ssh_with_keypair(self):
+        """Issue 8 acceptance: a cloud-init guest on a Neutron VIF (static IPv4, VLAN 130)
+        lets the keypair from meta_data in over ssh, from a netns on the same VLAN; another
+        key is refused."""
+        self.fb = harness.daemon_with_cloudinit()
+        inst = self._instance(hostname="vm-ssh")
+        # A static subnet (no DHCP): the guest's address comes from the port alone.
+        vif = vif_from_neutron(
+            dict(NEUTRON_PORT, id=self.PORT0, mac_address="fa:16:3e:00:05:e0", status="ACTIVE",
+                 network_id="net-130",
+                 fixed_ips=[{"subnet_id": "sub-130", "ip_address": "10.50.0.10"}],
+                 **{"binding:vif_details": dict(NEUTRON_PORT["binding:vif_details"],
+                                                bridge_name=self.ovs.bridge,
+                                                segmentation_id=130)}),
+            dict(NEUTRON_NETWORK, id="net-130", name="net130",
+                 **{"provider:segmentation_id": 130}),
+            {"sub-130": dict(NEUTRON_SUBNETS["sub-v4"], id="sub-130", cidr="10.50.0.0/24",
+                             gateway_ip="10.50.0.1", dns_nameservers=[], host_routes=[],
+                             enable_dhcp=False)},
+        )
+        nw_info = network_model.NetworkInfo.hydrate(
+            json.loads(network_model.NetworkInfo([vif]).json()))
+        t0 = time.monotonic()
+        took = self._spawn(inst, nw_info, image_id=harness.CLOUDINIT_IMAGE_ID)
+        print(f"spawn (cloud-init image, 1 VIF) -> RUNNING: {took:.2f} s")
+        self.addCleanup(self._destroy_quietly_nw, inst, nw_info)
+        self.assertEqual("130", self.ovs.get("Port", self._ovs_iface(self.PORT0), "tag"))
+
+        ops = harness.OpsNetns(self.ovs, vlan=130, cidr="10.50.0.1/24")
+        self.addCleanup(ops.close)
+        key = os.path.join(self.keydir, "id")
+        user = "debian"  # cloud-init's default user on Debian; the key is for it
+
+        def answered():
+            p = ops.popen_run(*harness.ssh_argv(key, user, "10.50.0.10", "hostname"))
+            return p if p.returncode == 0 else None
+
+        p = harness.wait_until(answered, 240, "sshd to let the keypair in", interval=0.5)
+        print(f"spawn -> ssh {user}@10.50.0.10 answers: {time.monotonic() - t0:.2f} s")
+        self.assertEqual("vm-ssh", p.stdout.strip())
+        # cloud-init put the key there (not fatboxd, which writes root's only).
+        keys = self.fb.exec(fbdriver.FatboxDriver.fatbox_name(inst),
+                            f"cat /home/{user}/.ssh/authorized_keys")
+        self.assertIn(self.pubkey.split()[1], keys)
+
+        wrong = os.path.join(self.keydir, "wrong")
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "wrong",
+                        "-f", wrong], check=True)
+        for u in (user, "root"):
+            p = ops.popen_run(*harness.ssh_argv(wrong, u, "10.50.0.10", "hostname"))
+            self.assertEqual(255, p.returncode, f"{u}: {p.stdout}{p.stderr}")
+            self.assertIn("Permission denied", p.stderr, u)
+            self.assertNotIn("vm-ssh", p.stdout)
+
+    def _destroy_quietly_nw(self, inst, nw_info):
+        try:
+            self.driver.destroy(self.ctxt, inst, nw_info)
+        except Exception as e:  # noqa: BLE001
+            print(f"cleanup destroy {inst.uuid}: {e}")
