@@ -4,7 +4,9 @@
 //! Needs root (CI runs as root) and a C compiler for the static probe binary.
 
 mod common;
+mod ovs_harness;
 use common::Daemon;
+use ovs_harness::{poll, run_ok, Netns, Ovs};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -78,6 +80,26 @@ fn exec_with_stdin(d: &Daemon, name: &str, cmd: &str, stdin: &Path) -> std::proc
         .stdin(Stdio::from(f))
         .output()
         .expect("fatbox exec")
+}
+
+/// The static probe binary (tests/isolation/probe.c), built into a temp dir.
+fn build_probe() -> (tempfile::TempDir, PathBuf) {
+    let probe_dir = tempfile::tempdir().expect("tmp");
+    let probe = probe_dir.path().join("probe");
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/isolation/probe.c");
+    let st = Command::new("cc")
+        .args(["-static", "-O2", "-o"])
+        .arg(&probe)
+        .arg(&src)
+        .status()
+        .expect("cc (the probe is a static C binary)");
+    assert!(st.success(), "building the probe");
+    (probe_dir, probe)
+}
+
+fn copy_probe(d: &Daemon, name: &str, probe: &Path) {
+    let o = exec_with_stdin(d, name, "cat > /tmp/probe && chmod 755 /tmp/probe", probe);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }
 
 /// Sends UDP datagrams with a 0x7a payload over the host's loopback until dropped, so the
@@ -257,23 +279,8 @@ fn unprivileged_guest_and_breakout_suite() {
     );
 
     // The breakout suite.
-    let probe_dir = tempfile::tempdir().expect("tmp");
-    let probe = probe_dir.path().join("probe");
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/isolation/probe.c");
-    let st = Command::new("cc")
-        .args(["-static", "-O2", "-o"])
-        .arg(&probe)
-        .arg(&src)
-        .status()
-        .expect("cc (the probe is a static C binary)");
-    assert!(st.success(), "building the probe");
-    let o = exec_with_stdin(
-        &d,
-        "iso",
-        "cat > /tmp/probe && chmod 755 /tmp/probe",
-        &probe,
-    );
-    assert!(o.status.success());
+    let (_probe_dir, probe) = build_probe();
+    copy_probe(&d, "iso", &probe);
     let disk_mnt = d.state_dir().join("instances").join(&uuid).join("disk");
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
     let majmin = mountinfo
@@ -437,4 +444,259 @@ fn isolated_ranges_copy_shift_and_privileged() {
     for n in ["rb", "rc", "rp"] {
         d.ok(&["delete", n]);
     }
+}
+
+/// A test "host" on the OVS bridge: a netns whose veth is an access port of `vlan`.
+struct BridgeHost {
+    ns: Netns,
+    port: String,
+}
+
+impl BridgeHost {
+    fn new(ovs: &Ovs, vlan: u16, cidr: &str) -> BridgeHost {
+        let ns = Netns::new();
+        let port = format!("fbh{}", &ns.name[5..]);
+        run_ok(
+            "ip",
+            &[
+                "link", "add", &port, "type", "veth", "peer", "name", "h0", "netns", &ns.name,
+            ],
+        );
+        let host = BridgeHost { ns, port };
+        run_ok("ip", &["link", "set", &host.port, "up"]);
+        ovs.vsctl(&[
+            "add-port",
+            &ovs.bridge,
+            &host.port,
+            &format!("tag={vlan}"),
+            "vlan_mode=access",
+        ]);
+        host.ns.add_addr("h0", cidr);
+        host
+    }
+}
+
+impl Drop for BridgeHost {
+    fn drop(&mut self) {
+        // The netns goes in Netns::drop and takes the peer with it.
+        let _ = std::process::Command::new("ip")
+            .args(["link", "del", &self.port])
+            .output();
+    }
+}
+
+/// Whether the host sees `dev` in promiscuous mode (IFF_PROMISC); None if it has no such link.
+fn promisc(dev: &str) -> Option<bool> {
+    let s = std::fs::read_to_string(format!("/sys/class/net/{dev}/flags")).ok()?;
+    let flags = u32::from_str_radix(s.trim().trim_start_matches("0x"), 16).ok()?;
+    Some(flags & 0x100 != 0)
+}
+
+/// 16 random bytes as hex: a payload marker that cannot occur by chance.
+fn marker() -> String {
+    uuid::Uuid::new_v4().simple().to_string()
+}
+
+/// Raw sniffing of other instances' traffic: instances A and B and a test netns C on one VLAN
+/// of a private OVS bridge. While B and C exchange packets carrying a marker, A (guest root)
+/// captures on an AF_PACKET socket with every interface it can see in promiscuous mode. A must
+/// see its own marked traffic (the sniffer works) and none of B's and C's; it sees no bridge
+/// or other port, and its attempts leave the bridge's flags as they were.
+#[test]
+fn sniffing_other_instances_traffic_on_ovs() {
+    if !is_root() {
+        eprintln!("NOTICE: skipped: needs root");
+        return;
+    }
+    let ovs = Ovs::start();
+    let d = Daemon::start_with_network(&format!(
+        "ovsdb = \"{}\"\nintegration_bridge = \"{}\"\n",
+        ovs.endpoint(),
+        ovs.bridge
+    ));
+    import(&d);
+    let c = BridgeHost::new(&ovs, 100, "10.20.0.100/24");
+    let a = run(&d, "sniff-a", &["--nic", "vlan=100,ip=10.20.0.5/24"]);
+    let b = run(&d, "sniff-b", &["--nic", "vlan=100,ip=10.20.0.6/24"]);
+    assert_eq!(a["security"]["userns"], true, "{a}");
+    let tap_a = a["nics"][0]["tap"].as_str().expect("tap").to_string();
+    let tap_b = b["nics"][0]["tap"].as_str().expect("tap").to_string();
+    let (_probe_dir, probe) = build_probe();
+    copy_probe(&d, "sniff-a", &probe);
+
+    // Everyone has talked once, so the bridge has learnt every MAC: from here unicast goes
+    // only to its port (an unknown destination would be flooded, as on any switch).
+    let ping = |vm: &str, ip: &str| {
+        d.fatbox(&["exec", vm, "--", "ping", "-c", "1", "-W", "1", ip])
+            .status
+            .success()
+    };
+    for (vm, ip) in [
+        ("sniff-a", "10.20.0.100"),
+        ("sniff-b", "10.20.0.100"),
+        ("sniff-a", "10.20.0.6"),
+    ] {
+        poll(
+            &format!("{vm} pinging {ip}"),
+            std::time::Duration::from_secs(30),
+            || ping(vm, ip).then_some(()),
+        );
+    }
+
+    // Inside A: what it can see of the network.
+    let ifs = d.exec("sniff-a", "ls /sys/class/net");
+    let ifs: Vec<&str> = ifs.split_whitespace().collect();
+    assert!(
+        ifs.iter().all(|i| *i == "lo" || i.starts_with("eth")),
+        "A sees foreign interfaces: {ifs:?}"
+    );
+    for dev in [
+        ovs.bridge.as_str(),
+        "ovs-netdev",
+        tap_b.as_str(),
+        c.port.as_str(),
+    ] {
+        let o = d.fatbox(&[
+            "exec", "sniff-a", "--", "ip", "link", "set", dev, "promisc", "on",
+        ]);
+        assert!(
+            !o.status.success(),
+            "A put the host's {dev} into promiscuous mode"
+        );
+    }
+    let watched: Vec<String> = [
+        ovs.bridge.as_str(),
+        "ovs-netdev",
+        tap_a.as_str(),
+        tap_b.as_str(),
+        c.port.as_str(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let flags_before: Vec<Option<bool>> = watched.iter().map(|d| promisc(d)).collect();
+
+    let others = marker();
+    let own = marker();
+    // C -> B: UDP datagrams carrying the marker (B need not listen), for the whole window.
+    let stop = Arc::new(AtomicBool::new(false));
+    let stop2 = stop.clone();
+    let payload: Vec<u8> = (0..4)
+        .flat_map(|_| {
+            (0..16).map(|i| u8::from_str_radix(&others[2 * i..2 * i + 2], 16).unwrap_or(0))
+        })
+        .collect();
+    let udp = c.ns.run_in(move || {
+        let sock = std::net::UdpSocket::bind("10.20.0.100:0").expect("udp in C");
+        let mut sent = 0u64;
+        while !stop2.load(Ordering::Relaxed) {
+            if sock.send_to(&payload, "10.20.0.6:9").is_ok() {
+                sent += 1;
+            }
+            // Pacing of the traffic generator, not synchronisation.
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        sent
+    });
+    // B -> C: echo requests with the marker as pattern (C's replies carry it back).
+    let sock = d.socket.clone();
+    let others2 = others.clone();
+    let b_ping = std::thread::spawn(move || {
+        Command::new(env!("CARGO_BIN_EXE_fatbox"))
+            .arg("--socket")
+            .arg(&sock)
+            .args([
+                "exec",
+                "sniff-b",
+                "--",
+                "ping",
+                "-c",
+                "20",
+                "-i",
+                "0.2",
+                "-p",
+                &others2,
+                "10.20.0.100",
+            ])
+            .output()
+            .expect("fatbox exec")
+    });
+    // Control: the same capture inside C (an endpoint of that traffic) must see the marker,
+    // so a 0 in A means "not delivered to A", not "not recognised".
+    let c_sniff = {
+        let probe = probe.clone();
+        let ns = c.ns.name.clone();
+        let others = others.clone();
+        std::thread::spawn(move || {
+            Command::new("ip")
+                .args(["netns", "exec", &ns])
+                .arg(&probe)
+                .args(["sniff", "3", &others])
+                .output()
+                .expect("probe in C")
+        })
+    };
+    // A: its own marked pings to C in the background, and the capture with promiscuous mode
+    // on every interface it can reach (eth0 via ip link, all of them via PACKET_MR_PROMISC).
+    let script = format!(
+        "ip link set eth0 promisc on; \
+         (ping -c 10 -i 0.2 -p {own} 10.20.0.100 >/dev/null 2>&1 &); \
+         /tmp/probe sniff 3 --promisc {others} {own}; ip link set eth0 promisc off"
+    );
+    let out = d.exec("sniff-a", &script);
+    stop.store(true, Ordering::Relaxed);
+    let sent = udp.join().expect("udp thread");
+    let bp = b_ping.join().expect("ping thread");
+    let b_out = String::from_utf8_lossy(&bp.stdout).into_owned();
+    let c_out = c_sniff.join().expect("sniff thread");
+    let c_seen: u64 = String::from_utf8_lossy(&c_out.stdout)
+        .split_whitespace()
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+
+    let n: Vec<u64> = out
+        .split_whitespace()
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    assert_eq!(n.len(), 4, "probe output: {out}");
+    let (seen_others, seen_own, total, promisc_ifs) = (n[0], n[1], n[2], n[3]);
+    eprintln!(
+        "sniffing on A: {seen_others} packets of B<->C (marker), {seen_own} of its own, \
+         {total} in all, promiscuous on {promisc_ifs} interface(s) {ifs:?}; \
+         C itself saw {c_seen} marked; C sent {sent} UDP to B; B's ping: {}",
+        b_out.lines().rev().nth(1).unwrap_or("")
+    );
+    assert!(sent > 20, "C sent {sent} datagrams");
+    // Some replies are enough to show B <-> C flowed (a loaded host may drop a few).
+    let received: u32 = b_out
+        .split(',')
+        .find_map(|f| f.trim().strip_suffix(" received"))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0);
+    assert!(received >= 5, "B <-> C traffic did not flow: {b_out}");
+    assert!(
+        c_seen > 0,
+        "the control capture in C saw no marked packet: {}",
+        String::from_utf8_lossy(&c_out.stdout)
+    );
+    assert!(seen_own > 0, "the sniffer saw none of A's own pings: {out}");
+    assert_eq!(seen_others, 0, "A saw B<->C traffic: {out}");
+    assert!(
+        promisc_ifs as usize <= ifs.len(),
+        "promiscuous mode reached {promisc_ifs} interfaces, A has {ifs:?}"
+    );
+    let flags_after: Vec<Option<bool>> = watched.iter().map(|d| promisc(d)).collect();
+    assert_eq!(
+        flags_before, flags_after,
+        "promiscuous mode of {watched:?} on the host changed"
+    );
+    assert!(
+        flags_before[0].is_some(),
+        "the bridge {} is not a host link",
+        ovs.bridge
+    );
+
+    d.ok(&["delete", "sniff-a"]);
+    d.ok(&["delete", "sniff-b"]);
 }

@@ -16,9 +16,17 @@ fi
 cargo +nightly fuzz build -O
 for target in $(cargo +nightly fuzz list); do
     mkdir -p "corpus/$target"
+    # Same limits as long-run.sh (128 KiB keeps input copies off ASan's mmap path).
+    case $target in
+        partitions|oci_layer) max_len=65536 ;;
+        ext4) max_len=262144 ;;
+        *) max_len=131072 ;;
+    esac
+    dict=""
+    [ -f "dicts/$target.dict" ] && dict="-dict=dicts/$target.dict"
     echo "== fuzzing $target for ${SECONDS_PER_TARGET}s"
     # -rss_limit_mb/-malloc_limit_mb catch allocations proportional to hostile sizes.
     cargo +nightly fuzz run -O "$target" "corpus/$target" seeds/"$target" -- \
         -max_total_time="$SECONDS_PER_TARGET" -rss_limit_mb=1024 -malloc_limit_mb=256 \
-        -max_len=1048576 -print_final_stats=1
+        -max_len="$max_len" -print_final_stats=1 $dict
 done

@@ -272,8 +272,10 @@ impl<W: Write> TarWriter<W> {
     ) -> Result<()> {
         let size = node.inode.size;
         let runs = guest.data_runs(node)?;
-        if buf.len() < CHUNK {
-            buf.resize(CHUNK, 0);
+        // Sized to the file (up to CHUNK): a tree of small files never faults in 1 MiB.
+        let want = usize::try_from(size).map_or(CHUNK, |s| s.clamp(1, CHUNK));
+        if buf.len() < want {
+            buf.resize(want, 0);
         }
         let mut pos = 0u64;
         // Holes come from a shared zero block: clearing the 1 MiB copy buffer for every

@@ -2,12 +2,18 @@
  * copied into the guest (the fixture's python3 is python3-minimal, without ctypes).
  * probe sys NAME [ARG]   one attempt; prints "ok" (exit 0) or the errno name (exit 1)
  * probe sniff SECONDS    packets carrying 16 x 0x7a seen on an AF_PACKET socket
+ * probe sniff SECONDS [--promisc] HEX...
+ *                        per marker (hex bytes) the packets carrying it, then all packets;
+ *                        --promisc first puts every interface it can see in promiscuous mode
+ *                        (PACKET_MR_PROMISC) and prints how many took it, last
  * probe connect PATH     connect to a unix socket */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
 #include <arpa/inet.h>
 #include <linux/if_ether.h>
+#include <linux/if_packet.h>
+#include <net/if.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -70,8 +76,55 @@ static long attempt(const char *what, const char *arg) {
     return -1;
 }
 
+static double since(const struct timespec *t0) {
+    struct timespec t; clock_gettime(CLOCK_MONOTONIC, &t);
+    return (t.tv_sec - t0->tv_sec) + (t.tv_nsec - t0->tv_nsec) / 1e9;
+}
+
+/* argv: SECONDS [--promisc] HEX... */
+static int sniff_markers(int argc, char **argv) {
+    enum { MAXM = 8 };
+    unsigned char pat[MAXM][32]; size_t plen[MAXM]; int seen[MAXM] = { 0 };
+    int n = 0, promisc = 0, promisc_ok = 0, total = 0;
+    double limit = atof(argv[0]);
+    for (int i = 1; i < argc; i++) {
+        if (!strcmp(argv[i], "--promisc")) { promisc = 1; continue; }
+        size_t l = strlen(argv[i]) / 2;
+        if (n == MAXM || l == 0 || l > sizeof pat[0]) { fprintf(stderr, "bad marker\n"); return 2; }
+        for (size_t j = 0; j < l; j++) sscanf(argv[i] + 2 * j, "%2hhx", &pat[n][j]);
+        plen[n++] = l;
+    }
+    int s = socket(AF_PACKET, SOCK_RAW, htons(ETH_P_ALL));
+    if (s < 0) { printf("socket refused: %s\n", strerrorname_np(errno)); return 1; }
+    if (promisc) {
+        struct if_nameindex *ifs = if_nameindex();
+        for (struct if_nameindex *i = ifs; i && i->if_index; i++) {
+            struct packet_mreq mr = { .mr_ifindex = (int)i->if_index, .mr_type = PACKET_MR_PROMISC };
+            if (setsockopt(s, SOL_PACKET, PACKET_ADD_MEMBERSHIP, &mr, sizeof mr) == 0) promisc_ok++;
+        }
+        if (ifs) if_freenameindex(ifs);
+    }
+    struct timeval tv = { 0, 100000 };
+    setsockopt(s, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    struct timespec t0; clock_gettime(CLOCK_MONOTONIC, &t0);
+    static unsigned char buf[65536];
+    while (since(&t0) < limit) {
+        ssize_t r = recv(s, buf, sizeof buf, 0);
+        if (r <= 0) continue;
+        total++;
+        for (int m = 0; m < n; m++)
+            if (memmem(buf, (size_t)r, pat[m], plen[m])) seen[m]++;
+    }
+    for (int m = 0; m < n; m++) printf("%d ", seen[m]);
+    printf("%d", total);
+    if (promisc) printf(" %d", promisc_ok);
+    printf("\n");
+    return 0;
+}
+
 int main(int argc, char **argv) {
     if (argc >= 3 && !strcmp(argv[1], "sys")) return report(attempt(argv[2], argc > 3 ? argv[3] : NULL));
+    if (argc >= 4 && !strcmp(argv[1], "sniff")) return sniff_markers(argc - 2, argv + 2);
     if (argc >= 3 && !strcmp(argv[1], "sniff")) {
         int s = socket(AF_PACKET, SOCK_RAW, htons(ETH_P_ALL));
         if (s < 0) { printf("socket refused: %s\n", strerrorname_np(errno)); return 1; }
@@ -99,6 +152,6 @@ int main(int argc, char **argv) {
         strncpy(a.sun_path, argv[2], sizeof a.sun_path - 1);
         return report(connect(s, (struct sockaddr *)&a, sizeof a));
     }
-    fprintf(stderr, "usage: probe sys NAME [ARG] | sniff SECONDS | connect PATH\n");
+    fprintf(stderr, "usage: probe sys NAME [ARG] | sniff SECONDS [[--promisc] HEX...] | connect PATH\n");
     return 2;
 }

@@ -2,10 +2,10 @@
 //! over the merged tree (names, links, xattrs, sparse data) — what `fatbox-img tar-out` does.
 #![no_main]
 
-use guestfs_tools::block::{BlockDevice, MemDevice};
+use guestfs_tools::block::{with_mem_device, Device};
 use guestfs_tools::guest::Guest;
 use libfuzzer_sys::fuzz_target;
-use std::sync::Arc;
+use std::path::Path;
 
 /// Discards output but counts it, so hostile sizes cannot make the target slow forever.
 struct Sink(u64);
@@ -24,9 +24,11 @@ impl std::io::Write for Sink {
 }
 
 fuzz_target!(|data: &[u8]| {
-    let dev: Arc<dyn BlockDevice> = Arc::new(MemDevice::new(data.to_vec(), "fuzz.img"));
-    if let Ok(g) = Guest::from_device("fuzz.img".into(), dev) {
-        let _ = guestfs_tools::tarout::write_tree(&g, Sink(0), &mut |_| {});
-        let _ = guestfs_tools::inspect::inspect(&g);
-    }
+    with_mem_device(data, Path::new("fuzz.img"), |d| {
+        let dev: Device = d;
+        if let Ok(g) = Guest::from_device("fuzz.img".into(), dev) {
+            let _ = guestfs_tools::tarout::write_tree(&g, Sink(0), &mut |_| {});
+            let _ = guestfs_tools::inspect::inspect(&g);
+        }
+    });
 });

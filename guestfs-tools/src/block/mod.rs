@@ -11,7 +11,7 @@ pub mod mem;
 pub mod qcow2;
 pub mod raw;
 
-pub use mem::MemDevice;
+pub use mem::{with_mem_device, MemDevice};
 pub use qcow2::Qcow2;
 pub use raw::RawImage;
 

@@ -1,14 +1,18 @@
 //! The fuzz entry point (test devices come from the block layer: `MemDevice`, `RawImage`).
 
 use super::{Ext4, FileType, ROOT_INO};
-use crate::block::MemDevice;
-use std::sync::Arc;
 
 /// Fuzz entry: opens `data` as a filesystem and walks it with bounded work. Must never
 /// panic, hang or allocate without bound whatever the input.
 #[doc(hidden)]
 pub fn fuzz_one(data: &[u8]) {
-    let dev: crate::block::Device = Arc::new(MemDevice::new(data.to_vec(), "fuzz.img"));
+    crate::block::with_mem_device(data, std::path::Path::new("fuzz.img"), |d| {
+        let dev: crate::block::Device = d;
+        walk(dev)
+    })
+}
+
+fn walk(dev: crate::block::Device) {
     if !Ext4::probe(dev.as_ref()) {
         return;
     }

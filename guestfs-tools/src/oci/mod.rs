@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-pub use unpack::{unpack_layer, UnpackMode, UnpackStats};
+pub use unpack::{unpack_layer, unpack_layer_buffered, UnpackMode, UnpackStats};
 
 /// Annotation naming an image inside a layout (what `skopeo` calls `oci:DIR:NAME`).
 pub const REF_NAME: &str = "org.opencontainers.image.ref.name";

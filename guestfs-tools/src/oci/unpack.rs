@@ -184,7 +184,19 @@ fn apply_meta_fd(fd: &OwnedFd, m: &Meta, name: &[u8]) -> Result<()> {
 /// Unpacks one layer (plain, gzip or zstd tar, detected from its first bytes) into `dest`,
 /// which must exist. Returns what it did.
 pub fn unpack_layer(reader: impl Read, dest: &Path, mode: UnpackMode) -> Result<UnpackStats> {
-    let mut reader = std::io::BufReader::with_capacity(1 << 20, reader);
+    unpack_layer_buffered(reader, dest, mode, 1 << 20)
+}
+
+/// [`unpack_layer`] with `io_buf` bytes for the read-ahead and copy buffers. The fuzz target
+/// uses a small one: 1 MiB buffers per call cost it more than the unpacking.
+pub fn unpack_layer_buffered(
+    reader: impl Read,
+    dest: &Path,
+    mode: UnpackMode,
+    io_buf: usize,
+) -> Result<UnpackStats> {
+    let io_buf = io_buf.max(4096);
+    let mut reader = std::io::BufReader::with_capacity(io_buf, reader);
     let magic = {
         let b = std::io::BufRead::fill_buf(&mut reader).map_err(|e| Error::io(dest, e))?;
         b.get(..4).map(<[u8]>::to_vec).unwrap_or_default()
@@ -209,7 +221,7 @@ pub fn unpack_layer(reader: impl Read, dest: &Path, mode: UnpackMode) -> Result<
     // Directory mtimes are set last: creating their children changes them.
     let mut dir_times: Vec<(Vec<u8>, i64)> = Vec::new();
     let entries = archive.entries().map_err(|e| Error::io(dest, e))?;
-    let mut buf = vec![0u8; 1 << 20];
+    let mut buf = vec![0u8; io_buf];
     for entry in entries {
         let mut entry = entry.map_err(|e| Error::io(dest, e))?;
         let name = entry.path_bytes().into_owned();
