@@ -29,4 +29,5 @@ def pytest_configure(config):
 @pytest.fixture(scope="session", autouse=True)
 def _stop_fatboxd():
     yield
+    harness.stop_glance_daemon()
     harness.stop_daemon()

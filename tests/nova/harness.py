@@ -5,6 +5,7 @@ daemon killed by pid, cgroup dirs and files removed) at the end even when tests 
 """
 
 import atexit
+import io
 import json
 import os
 import shutil
@@ -212,12 +213,13 @@ class Procfs:
 
 
 class Fatboxd:
-    def __init__(self, extra=""):
-        """`extra`: TOML appended to the config (whole sections)."""
+    def __init__(self, extra="", tag=""):
+        """`extra`: TOML appended to the config's [glance] section (and further sections);
+        `tag`: tells this daemon's cgroup parent from another one in the same process."""
         self.dir = Path(tempfile.mkdtemp(prefix="fatbox-nova-", dir="/var/tmp"))
         self.socket = self.dir / "fatboxd.sock"
         self.state = self.dir / "state"
-        self.cgroup_parent = f"fatbox-nova-{os.getpid()}"
+        self.cgroup_parent = f"fatbox-nova-{os.getpid()}{tag}"
         self.config = self.dir / "fatbox.toml"
         # The OVS starts only when a test needs networking (ovs()): until then nothing
         # connects to this socket, and the host-wide OVS harness lock stays free.
@@ -362,6 +364,158 @@ def daemon():
         _daemon = d
         atexit.register(stop_daemon)
     return _daemon
+
+
+class Glance:
+    """A real Glance (PyPI, tests/glance/setup.sh's venv) as the Rust harness starts it
+    (image-bridge/tests/common): sqlite database, file store, unauthenticated paste
+    pipeline, gunicorn on a free loopback port. Stopped (TERM, then kill, by pid) and its
+    dir removed by stop()."""
+
+    def __init__(self):
+        out = subprocess.run(["bash", str(ROOT / "tests/glance/setup.sh")], check=True,
+                             stdout=subprocess.PIPE, text=True).stdout
+        venv = Path(out.strip().splitlines()[-1])
+        self.dir = Path(tempfile.mkdtemp(prefix="fatbox-nova-glance-", dir="/var/tmp"))
+        self.proc = None
+        try:
+            self._start(venv)
+        except Exception:
+            self.stop()
+            raise
+
+    def _start(self, venv):
+        d = self.dir
+        conf, store = d / "conf", d / "store"
+        for p in (conf, store, d / "staging", d / "tasks"):
+            p.mkdir(parents=True, exist_ok=True)
+        shutil.copy(venv / "etc/glance/glance-api-paste.ini", conf / "glance-api-paste.ini")
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.endpoint = f"http://127.0.0.1:{port}"
+        # No paste flavor: the unauthenticated pipeline; the legacy policy defaults let that
+        # context (no project, no roles) use the API.
+        (conf / "glance-api.conf").write_text(
+            f"[DEFAULT]\nenabled_backends = fs:file\nworker_self_reference_url = {self.endpoint}\n"
+            "image_size_cap = 8589934592\n"
+            f"[database]\nconnection = sqlite:///{d / 'glance.sqlite'}\n"
+            "[glance_store]\ndefault_backend = fs\n"
+            f"[fs]\nfilesystem_store_datadir = {store}/\n"
+            f"[os_glance_staging_store]\nfilesystem_store_datadir = {d / 'staging'}/\n"
+            f"[os_glance_tasks_store]\nfilesystem_store_datadir = {d / 'tasks'}/\n"
+            "[paste_deploy]\nflavor =\n"
+            "[oslo_policy]\nenforce_new_defaults = False\nenforce_scope = False\n"
+        )
+        env = dict(os.environ, OS_GLANCE_CONFIG_DIR=str(conf))
+        with open(d / "glance.log", "ab") as log:
+            subprocess.run([str(venv / "bin/glance-manage"), "--config-file",
+                            str(conf / "glance-api.conf"), "db_sync"], check=True, cwd=d,
+                           env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+            # Threads: a long image download must not block the show/patch calls.
+            self.proc = subprocess.Popen(
+                [str(venv / "bin/gunicorn"), "-b", f"127.0.0.1:{port}", "-w", "1",
+                 "-k", "gthread", "--threads", "8", "--timeout", "600",
+                 "glance.wsgi.api:application"],
+                cwd=d, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+            )
+        wait_until(lambda: self._ready(), 120, f"Glance on {self.endpoint}")
+
+    def _ready(self):
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"Glance exited: {self.log_tail()}")
+        try:
+            self.request("GET", "/v2/images")
+            return True
+        except OSError:
+            return False
+
+    def log_tail(self, n=4000):
+        try:
+            return (self.dir / "glance.log").read_text(errors="replace")[-n:]
+        except OSError:
+            return ""
+
+    def request(self, method, path, body=None, headers=None, timeout=600):
+        """JSON in, JSON out (None for an empty answer); HTTPError on 4xx/5xx."""
+        import urllib.request
+
+        headers_ = dict(headers or {})
+        if body is not None and not isinstance(body, (bytes, io.IOBase)):
+            data = json.dumps(body).encode()
+            headers_.setdefault("Content-Type", "application/json")
+        else:
+            data = body
+        req = urllib.request.Request(self.endpoint + path, data=data, method=method,
+                                     headers=headers_)
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            raw = r.read()
+        return json.loads(raw) if raw else None
+
+    def image(self, image_id):
+        return self.request("GET", f"/v2/images/{image_id}")
+
+    def upload(self, path, name, disk_format="qcow2"):
+        """Creates an image and uploads `path` into it; returns its id once active."""
+        img = self.request("POST", "/v2/images", {
+            "name": name, "disk_format": disk_format, "container_format": "bare",
+        })
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            self.request("PUT", f"/v2/images/{img['id']}/file", f, headers={
+                "Content-Type": "application/octet-stream", "Content-Length": str(size),
+            })
+        wait_until(lambda: self.image(img["id"])["status"] == "active", 120,
+                   f"image {img['id']} active")
+        return img["id"]
+
+    def stop(self):
+        if self.proc is not None and self.proc.poll() is None:
+            # gunicorn's master stops its workers on TERM.
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+        if os.environ.get("FATBOX_KEEP_TEST_DIR"):
+            print(f"kept {self.dir}")
+        else:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
+_glance_daemon = None
+
+
+def glance_daemon():
+    """A real Glance with the fixture qcow2 uploaded, and a second fatboxd whose [glance]
+    endpoint is that Glance (started on first use by the tests that need them, stopped at
+    exit). Returns (fatboxd, glance, fixture image id)."""
+    global _glance_daemon
+    if _glance_daemon is None:
+        g = Glance()
+        try:
+            image_id = g.upload(fixtures() / "v3.qcow2", "debian-12-fixture")
+            d = Fatboxd(extra=f'endpoint = "{g.endpoint}"\n', tag="-glance")
+        except Exception:
+            g.stop()
+            raise
+        _glance_daemon = (d, g, image_id)
+        atexit.register(stop_glance_daemon)
+    return _glance_daemon
+
+
+def stop_glance_daemon():
+    """The daemon first: its instances' deletion does not need Glance, but its cleanup
+    must not race a Glance going away under a pull."""
+    global _glance_daemon
+    if _glance_daemon is not None:
+        (d, g, _), _glance_daemon = _glance_daemon, None
+        try:
+            d.stop()
+        finally:
+            g.stop()
 
 
 _cloudinit_imported = False

@@ -62,7 +62,7 @@ class DriverTestBase(test.TestCase):
         # hardware); these tests are about this host, and the driver reads instance cgroups.
         self.useFixture(fixtures.MonkeyPatch("builtins.open", io.open))
         self.useFixture(fixtures.MonkeyPatch("os.path.isdir", _isdir))
-        self.fb = harness.daemon()
+        self.fb = self._daemon()
         self.flags(socket=str(self.fb.socket), group="fatbox")
         # The tests call poll_events_once themselves; no background thread.
         self.flags(event_poll_interval=0, group="fatbox")
@@ -83,6 +83,10 @@ class DriverTestBase(test.TestCase):
         with open(os.path.join(self.keydir, "id.pub")) as f:
             self.pubkey = f.read().strip()
 
+    def _daemon(self):
+        """The fatboxd the driver talks to (a subclass may want another one)."""
+        return harness.daemon()
+
     def _flavor(self, name, vcpus, memory_mb=512, root_gb=2):
         try:
             return objects.Flavor.get_by_name(self.ctxt, name)
@@ -96,7 +100,7 @@ class DriverTestBase(test.TestCase):
             f.create()
             return f
 
-    def _instance(self, hostname="vm-one", vcpus=1):
+    def _instance(self, hostname="vm-one", vcpus=1, image_ref=harness.IMAGE_ID):
         flavor = self._flavor(f"fb.{vcpus}", vcpus)
         kp = objects.KeyPair(
             name="test-key", public_key=self.pubkey, type="ssh", user_id="fake-user"
@@ -105,7 +109,7 @@ class DriverTestBase(test.TestCase):
             context=self.ctxt,
             user_id="fake-user",
             project_id="fake-project",
-            image_ref=harness.IMAGE_ID,
+            image_ref=image_ref,
             hostname=hostname,
             display_name=hostname,
             host="fatbox-test",

@@ -719,8 +719,9 @@ class FatboxDriver(driver.ComputeDriver):
         return True
 
     def snapshot(self, context, instance, image_id, update_task_state, **kwargs):
-        """The instance keeps running: fatboxd snapshots the upper layer + disk and
-        uploads to Glance itself (image bridge)."""
+        """The instance keeps running: fatboxd freezes its cgroup while it writes the
+        overlay upper dir as a layer, then uploads that layer into the queued image the
+        compute API created (image bridge), and answers once the image is active."""
         try:
             view = self._show(instance)
         except exception.InstanceNotFound:
@@ -739,11 +740,17 @@ class FatboxDriver(driver.ComputeDriver):
                 body={"image_id": image_id},
             )
         except fbclient.FatboxError as e:
+            msg = e.message or ""
+            if isinstance(e, fbclient.NotFound) and image_id in msg:
+                # The queued image is gone (deleted while we snapshotted, or never
+                # created): the compute manager expects ImageNotFound for that and only
+                # logs it. The instance is untouched (fatboxd uploads after thawing).
+                raise exception.ImageNotFound(image_id=image_id)
             if _unsupported("snapshot", e):
                 raise _not_implemented("snapshot")
             if isinstance(e, fbclient.NotFound):
                 raise exception.InstanceNotFound(instance_id=instance.uuid)
-            raise exception.NovaException(f"fatboxd snapshot: {e.message}")
+            raise exception.NovaException(f"fatboxd snapshot: {msg}")
 
     def set_admin_password(self, instance, new_pass, **kwargs):
         """The guest's own chpasswd sets it (fatboxd pipes it on stdin: no argv, no log)."""
