@@ -432,23 +432,7 @@ impl GlanceClient {
             .iter()
             .map(|(k, v)| serde_json::json!({"op": "add", "path": format!("/{k}"), "value": v}))
             .collect();
-        let body = serde_json::to_vec(&ops).map_err(|e| Error::Invalid(e.to_string()))?;
-        let what = format!("PATCH image {id}");
-        let resp = self
-            .send(
-                &what,
-                |r| {
-                    r.header(
-                        reqwest::header::CONTENT_TYPE,
-                        "application/openstack-images-v2.1-json-patch",
-                    )
-                    .body(body.clone())
-                },
-                Method::PATCH,
-                &format!("/images/{id}"),
-            )
-            .await?;
-        resp.json().await.map_err(http_err(what))
+        self.patch(id, &ops).await
     }
 
     /// Applies a JSON patch (`add`/`replace`/`remove` operations) to an image.
