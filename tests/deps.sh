@@ -4,7 +4,7 @@
 set -euo pipefail
 pkgs=(debootstrap fdisk e2fsprogs qemu-utils zstd attr acl libcap2-bin python3 systemd-container
       fuse3 lxcfs openvswitch-switch iproute2 procps psmisc util-linux openssh-client skopeo umoci
-      fonts-dejavu-core iputils-ping python3-venv shellcheck curl)
+      fonts-dejavu-core iputils-ping python3-venv shellcheck curl xfsprogs btrfs-progs)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -7,6 +7,7 @@
 
 use crate::block::{self, Device, OpenOptions};
 use crate::ext4::{DirEntry, Ext4, FileType, Inode, ROOT_INO};
+use crate::kmount::{self, DirFs};
 use crate::part::{self, PartitionTable, TableKind};
 use crate::{Error, Result};
 use std::collections::{HashMap, HashSet};
@@ -39,16 +40,105 @@ pub struct GuestFs {
     /// ("xfs", "btrfs", "LVM2_member", "swap", "vfat", "crypto_LUKS", "ntfs"), or "unknown".
     pub kind: String,
     pub ext: Option<Arc<Ext4>>,
-    /// Why an ext filesystem could not be opened (corrupt, unsupported feature).
+    /// The same filesystem mounted read-only by the host kernel (`--kernel-mount`), for the
+    /// kinds the user-space readers cannot read.
+    pub kernel: Option<Arc<DirFs>>,
+    /// Why an ext filesystem could not be opened (corrupt, unsupported feature), or why the
+    /// kernel mount failed.
     pub error: Option<String>,
 }
 
 impl GuestFs {
     pub fn uuid(&self) -> Option<&str> {
-        self.ext.as_ref().map(|e| e.info().uuid.as_str())
+        match (&self.ext, &self.kernel) {
+            (Some(e), _) => Some(e.info().uuid.as_str()),
+            (None, Some(k)) => k.uuid.as_deref(),
+            _ => None,
+        }
     }
     pub fn label(&self) -> Option<&str> {
-        self.ext.as_ref().and_then(|e| e.info().label.as_deref())
+        match (&self.ext, &self.kernel) {
+            (Some(e), _) => e.info().label.as_deref(),
+            (None, Some(k)) => k.label.as_deref(),
+            _ => None,
+        }
+    }
+    /// The reader of this filesystem: the user-space one, else the kernel mount.
+    pub fn reader(&self) -> Option<&dyn FsRead> {
+        match (&self.ext, &self.kernel) {
+            (Some(e), _) => Some(e.as_ref()),
+            (None, Some(k)) => Some(k.as_ref()),
+            _ => None,
+        }
+    }
+}
+
+/// What the merged tree needs from a filesystem; the ext4 reader and a kernel-mounted
+/// directory ([`DirFs`]) provide it. Inode numbers are the backend's own.
+pub trait FsRead: Send + Sync {
+    fn inode(&self, ino: u32) -> Result<Inode>;
+    fn read_dir(&self, ino: u32) -> Result<Vec<DirEntry>>;
+    fn read_link(&self, inode: &Inode) -> Result<Vec<u8>>;
+    fn read_at(&self, inode: &Inode, offset: u64, buf: &mut [u8]) -> Result<usize>;
+    fn xattrs(&self, inode: &Inode) -> Result<Vec<(String, Vec<u8>)>>;
+    fn data_runs(&self, inode: &Inode) -> Result<Vec<(u64, u64)>>;
+    /// Absolute path → inode, symlinks not followed.
+    fn lookup(&self, path: &[u8]) -> Result<Option<u32>>;
+    fn used_bytes(&self) -> u64;
+}
+
+impl FsRead for Ext4 {
+    fn inode(&self, ino: u32) -> Result<Inode> {
+        Ext4::inode(self, ino)
+    }
+    fn read_dir(&self, ino: u32) -> Result<Vec<DirEntry>> {
+        Ext4::read_dir(self, ino)
+    }
+    fn read_link(&self, inode: &Inode) -> Result<Vec<u8>> {
+        Ext4::read_link(self, inode)
+    }
+    fn read_at(&self, inode: &Inode, offset: u64, buf: &mut [u8]) -> Result<usize> {
+        Ext4::read_at(self, inode, offset, buf)
+    }
+    fn xattrs(&self, inode: &Inode) -> Result<Vec<(String, Vec<u8>)>> {
+        Ext4::xattrs(self, inode)
+    }
+    fn data_runs(&self, inode: &Inode) -> Result<Vec<(u64, u64)>> {
+        Ext4::data_runs(self, inode)
+    }
+    fn lookup(&self, path: &[u8]) -> Result<Option<u32>> {
+        Ext4::lookup(self, path)
+    }
+    fn used_bytes(&self) -> u64 {
+        let i = self.info();
+        i.blocks.saturating_sub(i.free_blocks) * u64::from(i.block_size)
+    }
+}
+
+impl FsRead for DirFs {
+    fn inode(&self, ino: u32) -> Result<Inode> {
+        DirFs::inode(self, ino)
+    }
+    fn read_dir(&self, ino: u32) -> Result<Vec<DirEntry>> {
+        DirFs::read_dir(self, ino)
+    }
+    fn read_link(&self, inode: &Inode) -> Result<Vec<u8>> {
+        DirFs::read_link(self, inode)
+    }
+    fn read_at(&self, inode: &Inode, offset: u64, buf: &mut [u8]) -> Result<usize> {
+        DirFs::read_at(self, inode, offset, buf)
+    }
+    fn xattrs(&self, inode: &Inode) -> Result<Vec<(String, Vec<u8>)>> {
+        DirFs::xattrs(self, inode)
+    }
+    fn data_runs(&self, inode: &Inode) -> Result<Vec<(u64, u64)>> {
+        DirFs::data_runs(self, inode)
+    }
+    fn lookup(&self, path: &[u8]) -> Result<Option<u32>> {
+        DirFs::lookup(self, path)
+    }
+    fn used_bytes(&self) -> u64 {
+        DirFs::used_bytes(self)
     }
 }
 
@@ -103,7 +193,12 @@ impl Guest {
     /// Opens a disk image and assembles the guest tree.
     pub fn open(path: &Path, opts: &OpenOptions) -> Result<Guest> {
         let disk = block::open_image(path, opts)?;
-        Self::from_device_with(path.to_path_buf(), disk, !opts.no_verify_csum)
+        Self::assemble(
+            path.to_path_buf(),
+            disk,
+            !opts.no_verify_csum,
+            opts.kernel_mount,
+        )
     }
 
     pub fn from_device(path: PathBuf, disk: Device) -> Result<Guest> {
@@ -112,9 +207,22 @@ impl Guest {
 
     /// `verify_csum`: check ext4 metadata checksums (see [`Ext4::open_with`]).
     pub fn from_device_with(path: PathBuf, disk: Device, verify_csum: bool) -> Result<Guest> {
+        Self::assemble(path, disk, verify_csum, false)
+    }
+
+    /// `kernel_mount`: mount the filesystems the user-space readers cannot read through the
+    /// host kernel ([`kmount`]); ext2/3/4 stay in user space.
+    fn assemble(
+        path: PathBuf,
+        disk: Device,
+        verify_csum: bool,
+        kernel_mount: bool,
+    ) -> Result<Guest> {
         let table = part::read_partitions(disk.as_ref())?;
         let mut filesystems = Vec::new();
+        let mut devs = Vec::new();
         if table.kind == TableKind::None || table.partitions.is_empty() {
+            devs.push(disk.clone());
             filesystems.push(probe_fs(
                 disk.clone(),
                 verify_csum,
@@ -129,6 +237,7 @@ impl Guest {
         } else {
             for p in &table.partitions {
                 let dev = p.device(&disk)?;
+                devs.push(dev.clone());
                 filesystems.push(probe_fs(
                     dev,
                     verify_csum,
@@ -140,6 +249,25 @@ impl Guest {
                         partlabel: p.name.clone(),
                     },
                 ));
+            }
+        }
+        if kernel_mount {
+            for (fs, dev) in filesystems.iter_mut().zip(&devs) {
+                if fs.ext.is_some() || !kmount::can_mount(&fs.kind) {
+                    continue;
+                }
+                match kernel_mount_fs(&path, &disk, fs, dev) {
+                    Ok(k) => {
+                        fs.kernel = Some(Arc::new(k));
+                        fs.error = None;
+                    }
+                    // Without root nothing can be mounted: say so rather than "no root".
+                    Err(Error::Refused(m)) => return Err(Error::Refused(m)),
+                    Err(e) => {
+                        tracing::warn!(fs = %describe_location(&fs.location), "{e}");
+                        fs.error = Some(e.to_string());
+                    }
+                }
             }
         }
         let root_fs = find_root(&filesystems)?;
@@ -157,10 +285,10 @@ impl Guest {
         Ok(guest)
     }
 
-    fn ext(&self, fs: usize) -> Result<&Ext4> {
+    fn ext(&self, fs: usize) -> Result<&dyn FsRead> {
         self.filesystems
             .get(fs)
-            .and_then(|f| f.ext.as_deref())
+            .and_then(GuestFs::reader)
             .ok_or_else(|| Error::Other(format!("filesystem #{fs} is not readable")))
     }
 
@@ -222,7 +350,7 @@ impl Guest {
             };
             let mp = normalize(e.mountpoint.as_bytes())?;
             let fs = &self.filesystems[idx];
-            if fs.ext.is_none() {
+            if fs.reader().is_none() {
                 let msg = format!(
                     "{} is {} on {}, which fatbox-img cannot read{}",
                     e.mountpoint,
@@ -237,9 +365,12 @@ impl Guest {
                     self.warnings.push(msg);
                     continue;
                 }
-                return Err(Error::Unsupported(format!(
-                    "{msg}; convert it with --kernel-mount or move the data to ext4"
-                )));
+                let hint = if kmount::can_mount(&fs.kind) {
+                    "; convert it with --kernel-mount or move the data to ext4"
+                } else {
+                    "; move the data to ext4"
+                };
+                return Err(Error::Unsupported(format!("{msg}{hint}")));
             }
             if idx == self.root_fs || mounts.iter().any(|m| m.fs == idx || m.path == mp) {
                 self.warnings
@@ -451,11 +582,8 @@ impl Guest {
         let mut fss = vec![self.root_fs];
         fss.extend(self.mounts.iter().map(|m| m.fs));
         fss.iter()
-            .filter_map(|i| self.filesystems.get(*i)?.ext.as_ref())
-            .map(|e| {
-                let i = e.info();
-                i.blocks.saturating_sub(i.free_blocks) * u64::from(i.block_size)
-            })
+            .filter_map(|i| self.filesystems.get(*i)?.reader())
+            .map(FsRead::used_bytes)
             .sum()
     }
 
@@ -629,6 +757,7 @@ fn probe_fs(dev: Device, verify_csum: bool, location: FsLocation) -> GuestFs {
         location,
         kind: "unknown".into(),
         ext: None,
+        kernel: None,
         error: None,
     };
     if Ext4::probe(dev.as_ref()) {
@@ -669,14 +798,14 @@ fn probe_fs(dev: Device, verify_csum: bool, location: FsLocation) -> GuestFs {
 /// The root filesystem is the readable one that looks like a Linux root; with several, the
 /// one that has an fstab mounting itself at `/` wins, else the first.
 fn find_root(filesystems: &[GuestFs]) -> Result<usize> {
-    let looks_like_root = |e: &Ext4| -> Result<bool> {
+    let looks_like_root = |e: &dyn FsRead| -> Result<bool> {
         let has = |p: &[u8]| e.lookup(p).map(|i| i.is_some());
         Ok(has(b"/etc")? && (has(b"/usr")? || has(b"/bin")? || has(b"/sbin")?))
     };
     // A filesystem that cannot even be looked into (a checksum mismatch, ...) says why.
     let verdicts: Vec<Result<bool>> = filesystems
         .iter()
-        .map(|f| f.ext.as_deref().map_or(Ok(false), looks_like_root))
+        .map(|f| f.reader().map_or(Ok(false), looks_like_root))
         .collect();
     match verdicts.iter().position(|v| matches!(v, Ok(true))) {
         Some(i) => Ok(i),
@@ -696,7 +825,7 @@ fn find_root(filesystems: &[GuestFs]) -> Result<usize> {
                 .collect();
             let unsupported = filesystems
                 .iter()
-                .any(|f| f.ext.is_none() && f.kind != "unknown" && f.kind != "swap");
+                .any(|f| f.reader().is_none() && kmount::can_mount(&f.kind) && f.error.is_none());
             let hint = if unsupported {
                 "; the root may be on a filesystem fatbox-img cannot read in user space (only ext2/3/4): try --kernel-mount"
             } else {
@@ -778,4 +907,31 @@ impl Guest {
         canon.extend_from_slice(name);
         Ok(Some(canon))
     }
+}
+
+/// Mounts one filesystem through the kernel: a raw image in place (loop offset), anything else
+/// (qcow2, a chain) through a temporary raw copy of the filesystem's bytes.
+fn kernel_mount_fs(path: &Path, disk: &Device, fs: &GuestFs, dev: &Device) -> Result<DirFs> {
+    let chain = disk.chain();
+    let raw_file = match chain.as_slice() {
+        [only] if disk.format() == "raw" && only.path.is_file() => Some(only.path.clone()),
+        _ => None,
+    };
+    let src = match &raw_file {
+        Some(p) => kmount::Source::File {
+            path: p,
+            offset: fs.location.start,
+            size: fs.location.size,
+        },
+        None => kmount::Source::Device(dev),
+    };
+    kmount::mount(&fs.kind, src, dev).map_err(|e| match e {
+        Error::Refused(m) => Error::Refused(m),
+        e => Error::Other(format!(
+            "{}: {} on {}: {e}",
+            path.display(),
+            fs.kind,
+            describe_location(&fs.location)
+        )),
+    })
 }

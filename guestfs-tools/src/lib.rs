@@ -13,6 +13,7 @@ pub mod error;
 pub mod ext4;
 pub mod guest;
 pub mod inspect;
+pub mod kmount;
 pub mod oci;
 pub mod part;
 pub mod tarout;

@@ -33,6 +33,12 @@ struct Cli {
     /// read as far as its structure allows).
     #[arg(long, global = true)]
     no_verify_csum: bool,
+    /// Mount filesystems fatbox-img cannot read in user space (xfs, btrfs) read-only through
+    /// the host kernel: loop device, ro,nodev,nosuid,noexec, no log replay, private mount
+    /// namespace. Needs root. Opt-in because it exposes the host kernel's filesystem driver to
+    /// an untrusted image; ext2/3/4 are still read in user space.
+    #[arg(long, global = true)]
+    kernel_mount: bool,
     /// More logging (repeat for debug).
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     verbose: u8,
@@ -104,6 +110,14 @@ fn main() {
         )
         .with_writer(std::io::stderr)
         .init();
+    // SAFETY: geteuid has no preconditions.
+    if cli.kernel_mount && unsafe { libc::geteuid() } == 0 {
+        // Before any thread exists, so every thread shares the private namespace.
+        if let Err(e) = guestfs_tools::kmount::enter_private_mount_namespace() {
+            tracing::warn!("no private mount namespace ({e}); mounting in the host's");
+        }
+        guestfs_tools::kmount::install_signal_cleanup();
+    }
     if let Err(e) = run(cli) {
         // One line: the chain of causes joined.
         // One line: the chain of causes, each said once (io errors already name their source).
@@ -127,6 +141,7 @@ fn open(cli: &Cli, image: &Path) -> Result<Guest> {
         allow_backing_dirs: cli.allow_backing_dir.clone(),
         format: cli.format.clone(),
         no_verify_csum: cli.no_verify_csum,
+        kernel_mount: cli.kernel_mount,
     };
     Guest::open(image, &opts).with_context(|| format!("opening {}", image.display()))
 }

@@ -55,6 +55,9 @@ pub struct OpenOptions {
     pub format: Option<String>,
     /// Read ext4 filesystems without verifying their metadata checksums.
     pub no_verify_csum: bool,
+    /// Mount filesystems the user-space readers cannot read (xfs, btrfs) read-only through
+    /// the host kernel (see [`crate::kmount`]). Never the default.
+    pub kernel_mount: bool,
 }
 
 pub type Device = Arc<dyn BlockDevice>;

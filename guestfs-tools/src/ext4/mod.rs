@@ -106,6 +106,30 @@ impl Inode {
     pub fn perm(&self) -> u32 {
         u32::from(self.mode) & 0o7777
     }
+
+    /// Metadata of a file read through another backend (a kernel-mounted filesystem): no
+    /// block map, no in-inode xattrs; the caller fills the public fields.
+    pub(crate) fn detached(ino: u32, mode: u16) -> Inode {
+        Inode {
+            ino,
+            mode,
+            uid: 0,
+            gid: 0,
+            size: 0,
+            links: 1,
+            atime: Timestamp::default(),
+            mtime: Timestamp::default(),
+            ctime: Timestamp::default(),
+            crtime: None,
+            flags: 0,
+            rdev: (0, 0),
+            i_block: [0; 60],
+            sectors: 0,
+            file_acl: 0,
+            ibody: Vec::new(),
+            csum_seed: 0,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
