@@ -1,5 +1,5 @@
 //! Opt-in `--kernel-mount` fallback: a filesystem the user-space readers cannot read (xfs,
-//! btrfs, an ext filesystem our reader refused) is attached to a read-only loop device and
+//! btrfs) is attached to a read-only loop device and
 //! mounted read-only by the host kernel, then read through [`DirFs`] with the same contract as
 //! the ext4 reader (numeric owners, symlinks never followed on the host, hard links by inode).
 //!
@@ -75,8 +75,8 @@ fn driver_for(kind: &str) -> Option<(&'static str, &'static str)> {
         // nouuid: a cloned image may share its UUID with a filesystem the host has mounted.
         "xfs" => Some(("xfs", "norecovery,nouuid")),
         "btrfs" => Some(("btrfs", "rescue=nologreplay")),
-        // An ext filesystem our reader refused (unsupported feature, damage).
-        "ext" => Some(("ext4", "noload")),
+        // ext2/3/4 stay in user space even when our reader refuses one: a damaged ext4 is
+        // exactly what should not reach the kernel's driver.
         _ => None,
     }
 }
@@ -394,16 +394,17 @@ pub fn mount(kind: &str, src: Source<'_>, dev: &Device) -> Result<DirFs> {
         .prefix("fatbox-kmount-")
         .tempdir()
         .map_err(|e| Error::io(std::env::temp_dir(), e))?;
+    let mp_c = cstr(mountpoint.path().as_os_str().as_bytes())?;
+    // Registered before anything is attached, so a signal from here on removes the directory.
     let mut m = Mounted {
+        slot: register(&mp_c),
         mountpoint,
-        slot: None,
-        loopdev: Some(LoopDevice::attach(&backing, offset, size)?),
+        loopdev: None,
         mounted: false,
     };
+    m.loopdev = Some(LoopDevice::attach(&backing, offset, size)?);
     // The loop device holds its own reference to the backing file.
     drop(backing);
-    let mp_c = cstr(m.mountpoint.path().as_os_str().as_bytes())?;
-    m.slot = register(&mp_c);
     let loop_path = m
         .loopdev
         .as_ref()

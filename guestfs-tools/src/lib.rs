@@ -1,5 +1,6 @@
-//! fatbox-img: reads VM disks in user space (no kernel mount of untrusted images) and turns
-//! them into layered OCI root filesystems.
+//! fatbox-img: reads VM disks in user space (no kernel mount of untrusted images, unless the
+//! user opts in with `--kernel-mount` for xfs/btrfs: [`kmount`]) and turns them into layered
+//! OCI root filesystems.
 //!
 //! Layers, bottom up: [`block`] (raw, qcow2 with backing chains) → [`part`] (GPT, MBR) →
 //! [`ext4`] (ext2/3/4 reader) → [`guest`] (the guest's fstab merged into one tree) →
