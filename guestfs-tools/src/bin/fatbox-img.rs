@@ -349,6 +349,21 @@ fn run(cli: Cli) -> Result<()> {
                 return Ok(());
             }
             let path = PathBuf::from(out);
+            // A device or fifo (/dev/null, a tape, a named pipe) is written to, never replaced
+            // by the temp-file rename below (which, as root, would turn /dev/null into a file).
+            if std::fs::metadata(&path).is_ok_and(|m| !m.is_file() && !m.is_dir()) {
+                let f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(&path)
+                    .with_context(|| path.display().to_string())?;
+                let (mut w, _) = guestfs_tools::tarout::write_tree(
+                    &g,
+                    std::io::BufWriter::with_capacity(1 << 20, f),
+                    &mut |_| {},
+                )?;
+                w.flush()?;
+                return Ok(());
+            }
             let dir = path
                 .parent()
                 .filter(|p| !p.as_os_str().is_empty())
