@@ -520,3 +520,61 @@ fn a_garbage_fast_commit_area_is_an_error_or_ignored_like_the_kernel() {
     let d = diff(&got, &want);
     assert!(d.is_empty(), "trees differ:\n{d}");
 }
+
+/// No root needed: random but well-formed tag streams (the kind a fuzzer rarely builds)
+/// through the fuzz entry's fast-commit reach, over a real filesystem. Must never panic.
+#[test]
+fn random_fast_commit_tags_over_a_real_filesystem_never_panic() {
+    let seed_img = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds/ext4/small112.img");
+    let base = fs::read(&seed_img).expect("seed image");
+    for seed in 0..300u64 {
+        let r = random_bytes(8192, seed + 1);
+        let mut area = Vec::new();
+        let mut i = 0usize;
+        while area.len() < 8000 && i + 300 < r.len() {
+            let pick = r[i] % 6;
+            let ino = u32::from(r[i + 1] % 16);
+            let parent = if r[i + 2].is_multiple_of(2) {
+                2
+            } else {
+                u32::from(r[i + 3] % 16)
+            };
+            let (tag, val): (u16, Vec<u8>) = match pick {
+                0 => {
+                    // ADD_RANGE: ino, ee_block, ee_len, ee_start_hi, ee_start_lo
+                    let mut v = ino.to_le_bytes().to_vec();
+                    v.extend_from_slice(&u32::from(r[i + 4] % 8).to_le_bytes());
+                    v.extend_from_slice(&u16::from(r[i + 5] % 4 + 1).to_le_bytes());
+                    v.extend_from_slice(&0u16.to_le_bytes());
+                    v.extend_from_slice(&u32::from(r[i + 6]).to_le_bytes());
+                    (1, v)
+                }
+                1 => {
+                    let mut v = ino.to_le_bytes().to_vec();
+                    v.extend_from_slice(&u32::from(r[i + 4] % 8).to_le_bytes());
+                    v.extend_from_slice(&u32::from(r[i + 5]).to_le_bytes());
+                    (2, v)
+                }
+                2..=4 => {
+                    let mut v = parent.to_le_bytes().to_vec();
+                    v.extend_from_slice(&ino.to_le_bytes());
+                    v.extend_from_slice(&[b'a' + r[i + 4] % 3, b'0' + r[i + 5] % 2]);
+                    (u16::from(pick + 1), v)
+                }
+                _ => {
+                    let mut v = ino.to_le_bytes().to_vec();
+                    v.extend_from_slice(&r[i + 8..i + 8 + 128]);
+                    (6, v)
+                }
+            };
+            area.extend_from_slice(&tag.to_le_bytes());
+            area.extend_from_slice(&(val.len() as u16).to_le_bytes());
+            area.extend_from_slice(&val);
+            i += 140;
+        }
+        area.resize(8192, 0);
+        let mut data = base.clone();
+        data.extend_from_slice(&area);
+        guestfs_tools::ext4::fuzz_one(&data);
+    }
+}
