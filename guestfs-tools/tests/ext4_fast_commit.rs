@@ -179,6 +179,68 @@ fn build(dir: &Path) -> PathBuf {
     img
 }
 
+/// A second workload on 4 KiB blocks: symlinks, sparse and fragmented files (an extent tree
+/// deeper than the inode), O_TRUNC rewrites, rmdir, rename over an existing file, unlinking
+/// one of two links.
+fn build_b(dir: &Path) -> PathBuf {
+    let img = dir.join("fs-b.img");
+    run_ok(
+        Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-b", "4096", "-O", "fast_commit"])
+            .arg(&img)
+            .arg("64M"),
+        &[0],
+    );
+    let lo = Loop::attach(&img);
+    let mnt = Mount::new(&lo, &dir.join("mnt-b"));
+    let m = mnt.path().to_path_buf();
+    fs::create_dir_all(m.join("a/gone")).expect("mkdir");
+    fs::write(m.join("a/victim"), b"to be replaced").expect("write");
+    fs::write(m.join("a/rewrite"), random_bytes(30000, 5)).expect("write");
+    fs::write(m.join("two"), b"two links").expect("write");
+    fs::hard_link(m.join("two"), m.join("a/two")).expect("link");
+    // SAFETY: sync(2) takes no arguments.
+    unsafe { libc::sync() };
+
+    let anchor = m.join("anchor");
+    write_sync(&anchor, b"anchor", false);
+    std::os::unix::fs::symlink("anchor", m.join("fast-link")).expect("symlink");
+    std::os::unix::fs::symlink("x".repeat(200), m.join("a/slow-link")).expect("symlink");
+    fsync(&anchor);
+    {
+        // Sparse: data at 0, 1 MiB and 5 MiB.
+        let mut f = fs::File::create(m.join("sparse")).expect("create");
+        for (at, seed) in [(0u64, 6u64), (1 << 20, 7), (5 << 20, 8)] {
+            f.seek(SeekFrom::Start(at)).expect("seek");
+            f.write_all(&random_bytes(5000, seed)).expect("write");
+        }
+        f.sync_all().expect("fsync");
+    }
+    {
+        // Two files written in alternating small chunks fragment each other.
+        let mut f1 = fs::File::create(m.join("frag1")).expect("create");
+        let mut f2 = fs::File::create(m.join("frag2")).expect("create");
+        for i in 0..40u64 {
+            f1.write_all(&random_bytes(4096, 100 + i)).expect("write");
+            f1.sync_all().expect("fsync");
+            f2.write_all(&random_bytes(4096, 200 + i)).expect("write");
+            f2.sync_all().expect("fsync");
+        }
+    }
+    write_sync(&m.join("a/rewrite"), &random_bytes(7000, 9), false);
+    fs::remove_dir(m.join("a/gone")).expect("rmdir");
+    fsync(&anchor);
+    write_sync(&m.join("a/newer"), b"replacement", false);
+    fs::rename(m.join("a/newer"), m.join("a/victim")).expect("rename over");
+    fsync(&m.join("a/victim"));
+    fs::remove_file(m.join("a/two")).expect("unlink");
+    fsync(&m.join("two"));
+    shutdown_nologflush(&m);
+    mnt.unmount();
+    drop(lo);
+    img
+}
+
 #[derive(Debug, PartialEq, Eq)]
 struct Node {
     kind: char,
@@ -577,4 +639,29 @@ fn random_fast_commit_tags_over_a_real_filesystem_never_panic() {
         data.extend_from_slice(&area);
         guestfs_tools::ext4::fuzz_one(&data);
     }
+}
+
+#[test]
+fn symlinks_sparse_fragmented_files_renames_and_rmdir_replay_like_the_kernel() {
+    if !is_root() {
+        eprintln!("skipped: needs root (loop devices, mounts)");
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let img = build_b(tmp.path());
+    let before = sha256_file(&img);
+    let fs_ = open(&img);
+    let info = fs_.info().clone();
+    assert!(info.fast_commit_replayed >= 20, "{info:?}");
+    let got = ours(&fs_);
+    drop(fs_);
+    assert_eq!(sha256_file(&img), before, "image was modified");
+    let want = kernel_view(&img, tmp.path()).expect("kernel mounts the image");
+    let d = diff(&got, &want);
+    assert!(d.is_empty(), "trees differ:\n{d}");
+    assert!(got.contains_key("/sparse") && got.contains_key("/frag2"));
+    assert!(!got.contains_key("/a/gone") && !got.contains_key("/a/two"));
+    assert_eq!(got["/two"].links, 1);
+    assert_eq!(got["/frag1"].size, 40 * 4096);
+    eprintln!("{info:?}, {} entries", got.len());
 }
