@@ -13,7 +13,6 @@ use guestfs_tools::convert::{convert, ConvertOptions};
 use guestfs_tools::guest::Guest;
 use guestfs_tools::oci::{Compression, Layout};
 use std::path::Path;
-use std::process::Command;
 
 /// docker save layout: manifest.json, <config hex>.json, <layer hex>/layer.tar.
 fn docker_save_of(layout_dir: &Path, name: &str, out: &Path) {
@@ -79,37 +78,7 @@ fn boot_from_docker_container_format_image() {
     std::fs::remove_dir_all(&oci).expect("rm oci");
 
     let g = glance_harness::Glance::start();
-    let body = r#"{"name":"fixture-docker","disk_format":"raw","container_format":"docker"}"#;
-    let o = Command::new("curl")
-        .args([
-            "-sf",
-            "-X",
-            "POST",
-            "-H",
-            "Content-Type: application/json",
-            "-d",
-            body,
-        ])
-        .arg(format!("{}/v2/images", g.endpoint))
-        .output()
-        .expect("curl");
-    assert!(o.status.success(), "create image");
-    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
-    let id = v["id"].as_str().expect("id").to_string();
-    let st = Command::new("curl")
-        .args([
-            "-sf",
-            "-X",
-            "PUT",
-            "-H",
-            "Content-Type: application/octet-stream",
-            "-T",
-        ])
-        .arg(&tarball)
-        .arg(format!("{}/v2/images/{id}/file", g.endpoint))
-        .status()
-        .expect("curl");
-    assert!(st.success(), "upload");
+    let id = g.upload_with_curl_as(&tarball, "fixture-docker", "raw", "docker");
 
     std::env::set_var("FATBOX_GLANCE__ENDPOINT", &g.endpoint);
     let d = Daemon::start();

@@ -522,17 +522,7 @@ impl LayerCache {
         let work = self.new_work_dir(id)?;
         let src = work.path.join("source");
         let t0 = Instant::now();
-        let p2 = progress.clone();
-        let report = glance
-            .download(&meta, &src, &move |done, total| {
-                p2(Progress {
-                    phase: "download".into(),
-                    done,
-                    total,
-                })
-            })
-            .await?;
-        self.counters.downloads.fetch_add(1, Ordering::Relaxed);
+        let report = self.download(glance, &meta, &src, &progress).await?;
         tracing::info!(
             image = id,
             bytes = report.bytes,
@@ -789,6 +779,28 @@ impl LayerCache {
         Ok(img)
     }
 
+    /// Downloads an image's data to `dest`, reporting it as the "download" phase, and counts it.
+    async fn download(
+        &self,
+        glance: &GlanceClient,
+        meta: &ImageMeta,
+        dest: &Path,
+        progress: &ProgressFn,
+    ) -> Result<crate::glance::DownloadReport> {
+        let p2 = progress.clone();
+        let report = glance
+            .download(meta, dest, &move |done, total| {
+                p2(Progress {
+                    phase: "download".into(),
+                    done,
+                    total,
+                })
+            })
+            .await?;
+        self.counters.downloads.fetch_add(1, Ordering::Relaxed);
+        Ok(report)
+    }
+
     /// A snapshot: parents first (cached ones are hits), then its own layer — downloaded
     /// only when no cached image has it already — verified against its digest, unpacked, and
     /// committed with a manifest and config that extend the parent's.
@@ -826,18 +838,8 @@ impl LayerCache {
                 .as_ref()
                 .ok_or_else(|| Error::Cache("no Glance configured".into()))?;
             let src = work_layout.blob_path(&snap.layer_digest)?;
-            let p2 = progress.clone();
-            let report = glance
-                .download(&meta, &src, &move |done, total| {
-                    p2(Progress {
-                        phase: "download".into(),
-                        done,
-                        total,
-                    })
-                })
-                .await?;
+            let report = self.download(glance, &meta, &src, &progress).await?;
             size = report.bytes;
-            self.counters.downloads.fetch_add(1, Ordering::Relaxed);
             tracing::info!(
                 image = %id,
                 parent = %snap.parent,

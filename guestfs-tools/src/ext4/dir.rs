@@ -78,6 +78,9 @@ impl Ext4 {
             return Err(Error::Other(format!("inode {ino} is not a directory")));
         }
         self.check_not_encrypted(&inode)?;
+        if let Some(list) = self.fc.dirs.get(&ino) {
+            return Ok(list.clone());
+        }
         let mut out = Vec::new();
         if self.is_inline(&inode) {
             // i_block starts with the parent's inode number, then entries.

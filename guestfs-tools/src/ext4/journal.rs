@@ -3,7 +3,8 @@
 //! Same three steps as e2fsck/the kernel, done in one walk: find the committed
 //! transactions from `s_start`/`s_sequence`, collect revoke records, then take the newest
 //! non-revoked copy of every logged block. The walk stops at the first block that is not
-//! the expected transaction's, so a torn tail is ignored.
+//! the expected transaction's, so a torn tail is ignored. The fast-commit area behind the
+//! log is scanned here too (see `fast_commit`) and applied once the overlay is in place.
 
 use super::bytes::be32;
 use super::map::Mapping;
@@ -83,8 +84,17 @@ struct Txn {
 /// Filesystem block → replayed contents.
 pub(crate) type Overlay = BTreeMap<u64, Arc<[u8]>>;
 
-/// Returns the overlay and the number of committed transactions replayed.
-pub(crate) fn replay(fs: &Ext4) -> Result<(Overlay, u32)> {
+#[derive(Default)]
+pub(crate) struct Replayed {
+    pub overlay: Overlay,
+    /// Committed transactions of the regular log.
+    pub transactions: u32,
+    /// Fast-commit tags whose commit's tail verified, in log order (applied after the overlay).
+    pub fc_tags: Vec<super::fast_commit::FcTag>,
+}
+
+/// Replays the regular log and scans the fast-commit area behind it.
+pub(crate) fn replay(fs: &Ext4) -> Result<Replayed> {
     let jino = fs.sb.journal_inum;
     if jino == 0 {
         return Err(Error::Unsupported(format!(
@@ -131,16 +141,20 @@ pub(crate) fn replay(fs: &Ext4) -> Result<(Overlay, u32)> {
     }
     let size_blocks = j.inode.size / fs.bs();
     let mut last = maxlen.min(size_blocks);
+    // Fast-commit area, as jbd2 lays it out: the regular log ends at s_maxlen - s_num_fc_blks
+    // and the fast-commit blocks start one block later.
+    let mut fc_area: Option<(u64, u64)> = None;
     if incompat & INCOMPAT_FAST_COMMIT != 0 {
         let fc = match be32(&jsb, 0x54) {
             0 => 256,
             n => u64::from(n),
         };
         last = last.saturating_sub(fc);
-        tracing::warn!("journal has fast commits; only the regular log is replayed");
+        fc_area = Some((maxlen.saturating_sub(fc) + 1, maxlen.min(size_blocks)));
     }
+    // jbd2 does no recovery at all, fast commits included, when s_start is 0.
     if start == 0 {
-        return Ok((BTreeMap::new(), 0));
+        return Ok(Replayed::default());
     }
     if first == 0 || first >= last || start < first || start >= last {
         return Err(Error::corrupt("journal superblock bounds", 0));
@@ -282,5 +296,23 @@ pub(crate) fn replay(fs: &Ext4) -> Result<(Overlay, u32)> {
         }
     }
     let n = u32::try_from(committed.len()).unwrap_or(u32::MAX);
-    Ok((overlay, n))
+    let fc_tags = match fc_area {
+        // The fast commits to replay belong to the transaction after the last committed one.
+        Some((fc_first, fc_end)) => {
+            let mut read = |off: u64| -> Result<Option<(u64, Vec<u8>)>> {
+                let jblk = fc_first.saturating_add(off);
+                if jblk >= fc_end {
+                    return Ok(None);
+                }
+                Ok(Some((jblk, j.read(jblk)?)))
+            };
+            super::fast_commit::scan(&mut read, seq, fs.sb.inode_size)?
+        }
+        None => Vec::new(),
+    };
+    Ok(Replayed {
+        overlay,
+        transactions: n,
+        fc_tags,
+    })
 }

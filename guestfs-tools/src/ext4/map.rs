@@ -40,7 +40,10 @@ impl Ext4 {
             return Ok(Mapping::hole(u64::MAX - lblk));
         }
         let m = if self.uses_extents(inode) {
-            self.map_extent(inode, lblk)?
+            match self.fc_map(inode.ino, lblk) {
+                Some(m) => m,
+                None => self.map_extent(inode, lblk)?,
+            }
         } else {
             self.map_indirect(inode, lblk, logical)?
         };

@@ -8,6 +8,7 @@ mod bytes;
 mod csum;
 mod dev;
 mod dir;
+mod fast_commit;
 mod inode;
 mod journal;
 mod map;
@@ -45,6 +46,8 @@ pub struct FsInfo {
     pub free_blocks: u64,
     /// Journal transactions replayed in memory at open.
     pub journal_replayed: u32,
+    /// Fast-commit tags replayed in memory at open (after the regular log).
+    pub fast_commit_replayed: u32,
     pub last_mounted: Option<String>,
 }
 
@@ -173,6 +176,8 @@ pub struct Ext4 {
     info: FsInfo,
     /// Journal replay result: filesystem block → its committed contents.
     overlay: journal::Overlay,
+    /// Fast-commit replay result, consulted before the disk.
+    fc: fast_commit::FcState,
     cache: Mutex<BlockCache>,
     /// The filesystem's checksum seed when metadata checksums are verified.
     csum: Option<u32>,
@@ -221,6 +226,7 @@ impl Ext4 {
             info: Self::make_info(&sb, 0),
             sb,
             overlay: BTreeMap::new(),
+            fc: fast_commit::FcState::default(),
             cache: Mutex::new(BlockCache {
                 map: HashMap::new(),
                 tick: 0,
@@ -228,18 +234,32 @@ impl Ext4 {
             csum: None,
         };
         if fs.sb.has_compat(sb::COMPAT_HAS_JOURNAL) && fs.sb.has_incompat(sb::INCOMPAT_RECOVER) {
-            let (overlay, replayed) = journal::replay(&fs)?;
+            let r = journal::replay(&fs)?;
             tracing::info!(
-                transactions = replayed,
-                blocks = overlay.len(),
+                transactions = r.transactions,
+                blocks = r.overlay.len(),
+                fast_commit_tags = r.fc_tags.len(),
                 "replayed ext journal in memory"
             );
-            fs.overlay = overlay;
+            fs.overlay = r.overlay;
             fs.clear_cache();
             // The journal usually carries the superblock and group descriptors too.
             fs.read_bytes(sb::SB_OFFSET, &mut raw)?;
             fs.sb = Superblock::parse(&raw)?;
-            fs.info = Self::make_info(&fs.sb, replayed);
+            // Fast commits apply on top of the replayed log, as in the kernel. Checksums are
+            // known only after this, so the replay reads unverified metadata; set them first
+            // when enabled so that directory and extent reads keep verifying.
+            if verify_csum && fs.sb.has_ro_compat(sb::RO_COMPAT_METADATA_CSUM) {
+                fs.csum = Some(csum::fs_seed(
+                    &raw,
+                    fs.sb.has_incompat(sb::INCOMPAT_CSUM_SEED),
+                    &fs.sb.uuid,
+                ));
+            }
+            fs.fc_apply(&r.fc_tags)?;
+            fs.csum = None;
+            fs.info = Self::make_info(&fs.sb, r.transactions);
+            fs.info.fast_commit_replayed = fs.fc.tags;
         } else if fs.sb.has_incompat(sb::INCOMPAT_RECOVER) {
             tracing::warn!("needs_recovery set without a journal; ignoring");
         }
@@ -271,6 +291,7 @@ impl Ext4 {
             inodes: sb.inodes_count,
             free_blocks: sb.free_blocks,
             journal_replayed: replayed,
+            fast_commit_replayed: 0,
             last_mounted: sb.last_mounted.clone(),
         }
     }

@@ -78,6 +78,8 @@ pub(crate) struct Superblock {
     pub blocks_per_group: u32,
     pub inodes_per_group: u32,
     pub inode_size: u16,
+    /// First non-reserved inode (s_first_ino; 11 on revision 0).
+    pub first_ino: u32,
     pub desc_size: u16,
     pub compat: u32,
     pub incompat: u32,
@@ -205,6 +207,7 @@ impl Superblock {
             blocks_per_group,
             inodes_per_group,
             inode_size,
+            first_ino: if rev_level == 0 { 11 } else { le32(b, 0x54) },
             desc_size,
             compat: le32(b, 0x5C),
             incompat,

@@ -179,8 +179,19 @@ impl Glance {
 
     /// Creates an image and uploads `file` with plain HTTP (curl), returns its id.
     pub fn upload_with_curl(&self, file: &Path, name: &str, disk_format: &str) -> String {
+        self.upload_with_curl_as(file, name, disk_format, "bare")
+    }
+
+    /// Same, with a container_format other than `bare` (`docker` for a docker save tarball).
+    pub fn upload_with_curl_as(
+        &self,
+        file: &Path,
+        name: &str,
+        disk_format: &str,
+        container_format: &str,
+    ) -> String {
         let body = format!(
-            r#"{{"name":"{name}","disk_format":"{disk_format}","container_format":"bare"}}"#
+            r#"{{"name":"{name}","disk_format":"{disk_format}","container_format":"{container_format}"}}"#
         );
         let out = Command::new("curl")
             .args([
