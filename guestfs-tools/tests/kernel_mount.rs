@@ -562,3 +562,57 @@ fn without_root_a_clear_error() {
     );
     w.assert_nothing_left("non-root run");
 }
+
+/// The Debian fixture's debootstrap tree on an xfs root: what `--kernel-mount` reads equals the
+/// reference manifest the ext4 variants are checked against, and a full convert (containerize
+/// operations on) succeeds on it.
+#[test]
+fn debian_fixture_on_xfs_matches_the_reference() {
+    if !prerequisites() {
+        return;
+    }
+    let fx = common::fixtures();
+    let rootfs = fx.join("rootfs");
+    if !rootfs.is_dir() {
+        eprintln!("NOTICE: no fixture rootfs under {}, skipping", fx.display());
+        return;
+    }
+    let w = Work::new();
+    let part = w.path().join("root.xfs");
+    let mb = 1536u64;
+    sh(&format!(
+        "truncate -s {mb}M {p} && mkfs.xfs -q -m uuid={ROOT_UUID} {p}",
+        p = part.display()
+    ));
+    fill_fs(&part, "xfs", &rootfs, "nothing-excluded");
+    let disk = w.path().join("debian-xfs.raw");
+    sh(&format!(
+        "truncate -s {size} {d}
+         printf 'label: gpt\\nstart=2048, size={n}, type=linux\\n' | sfdisk -q {d}
+         dd if={p} of={d} bs=1M seek=1 conv=notrunc,sparse status=none
+         rm {p}",
+        size = (mb + 2) * MIB,
+        n = mb * MIB / 512,
+        d = disk.display(),
+        p = part.display()
+    ));
+    let tar = w.path().join("debian.tar");
+    w.img_ok(&["--kernel-mount", "tar-out", s(&disk), s(&tar)]);
+    let got = w.path().join("debian.jsonl");
+    manifest(&tar, &got, &[]);
+    fs::remove_file(&tar).unwrap();
+    // The fixture's fstab names its ext4 root; everything else must match.
+    compare(
+        &fx.join("reference.jsonl"),
+        &got,
+        &["--ignore", "mtime-dirs", "--exclude", "etc/fstab"],
+    );
+    let oci = w.path().join("oci");
+    let out = w.img_ok(&["--kernel-mount", "--json", "convert", s(&disk), s(&oci)]);
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        report["layers"].as_array().map(Vec::len),
+        Some(2),
+        "{report}"
+    );
+}
