@@ -270,6 +270,7 @@ impl Guest {
                 }
             }
         }
+        add_btrfs_root_subvolumes(&mut filesystems)?;
         let root_fs = find_root(&filesystems)?;
         let mut guest = Guest {
             path,
@@ -349,6 +350,10 @@ impl Guest {
                 return Err(Error::NotFound(msg));
             };
             let mp = normalize(e.mountpoint.as_bytes())?;
+            let idx = match subvol_option(&e.options) {
+                Some(sv) if self.filesystems[idx].kernel.is_some() => self.subvol_fs(idx, &sv)?,
+                _ => idx,
+            };
             let fs = &self.filesystems[idx];
             if fs.reader().is_none() {
                 let msg = format!(
@@ -383,6 +388,26 @@ impl Guest {
         mounts.sort_by_key(|m| m.path.len());
         self.mounts = mounts;
         Ok(())
+    }
+
+    /// The filesystem index of btrfs subvolume `sv` of kernel-mounted filesystem `idx`, added
+    /// as a view of the same mount the first time.
+    fn subvol_fs(&mut self, idx: usize, sv: &str) -> Result<usize> {
+        let sv = sv.trim_matches('/');
+        let start = self.filesystems[idx].location.start;
+        if let Some(i) = self.filesystems.iter().position(|f| {
+            f.location.start == start
+                && f.kernel.as_ref().and_then(|k| k.subvol.as_deref()) == Some(sv)
+        }) {
+            return Ok(i);
+        }
+        let Some(top) = self.filesystems[idx].kernel.clone() else {
+            return Ok(idx);
+        };
+        let mut fs = self.filesystems[idx].clone();
+        fs.kernel = Some(Arc::new(top.view(sv)?));
+        self.filesystems.push(fs);
+        Ok(self.filesystems.len() - 1)
     }
 
     /// Finds the filesystem an fstab spec names.
@@ -581,6 +606,13 @@ impl Guest {
     pub fn used_bytes(&self) -> u64 {
         let mut fss = vec![self.root_fs];
         fss.extend(self.mounts.iter().map(|m| m.fs));
+        // Subvolumes of one btrfs share its space: count each partition once.
+        let mut starts = HashSet::new();
+        fss.retain(|i| {
+            self.filesystems
+                .get(*i)
+                .is_some_and(|f| starts.insert(f.location.start))
+        });
         fss.iter()
             .filter_map(|i| self.filesystems.get(*i)?.reader())
             .map(FsRead::used_bytes)
@@ -795,13 +827,54 @@ fn probe_fs(dev: Device, verify_csum: bool, location: FsLocation) -> GuestFs {
     fs
 }
 
+fn looks_like_root(e: &dyn FsRead) -> Result<bool> {
+    let has = |p: &[u8]| e.lookup(p).map(|i| i.is_some());
+    Ok(has(b"/etc")? && (has(b"/usr")? || has(b"/bin")? || has(b"/sbin")?))
+}
+
+/// `subvol=NAME` of a btrfs fstab entry.
+fn subvol_option(options: &str) -> Option<String> {
+    options
+        .split(',')
+        .find_map(|o| o.strip_prefix("subvol="))
+        .map(str::to_string)
+}
+
+/// Distributions put a btrfs root in a subvolume (`@`, `root`) of the top level, which is what
+/// we mount: a top level that is no root but has a subdirectory that is one adds that
+/// subdirectory as a filesystem of its own (the first by name).
+fn add_btrfs_root_subvolumes(filesystems: &mut Vec<GuestFs>) -> Result<()> {
+    for i in 0..filesystems.len() {
+        let Some(top) = filesystems[i].kernel.clone() else {
+            continue;
+        };
+        if top.kind != "btrfs" || looks_like_root(top.as_ref())? {
+            continue;
+        }
+        let mut dirs: Vec<DirEntry> = FsRead::read_dir(top.as_ref(), ROOT_INO)?
+            .into_iter()
+            .filter(|e| e.file_type == Some(FileType::Directory))
+            .collect();
+        dirs.sort_by(|a, b| a.name.cmp(&b.name));
+        for d in dirs {
+            let Ok(name) = std::str::from_utf8(&d.name) else {
+                continue;
+            };
+            let view = top.view(name)?;
+            if looks_like_root(&view)? {
+                let mut fs = filesystems[i].clone();
+                fs.kernel = Some(Arc::new(view));
+                filesystems.push(fs);
+                break;
+            }
+        }
+    }
+    Ok(())
+}
+
 /// The root filesystem is the readable one that looks like a Linux root; with several, the
 /// one that has an fstab mounting itself at `/` wins, else the first.
 fn find_root(filesystems: &[GuestFs]) -> Result<usize> {
-    let looks_like_root = |e: &dyn FsRead| -> Result<bool> {
-        let has = |p: &[u8]| e.lookup(p).map(|i| i.is_some());
-        Ok(has(b"/etc")? && (has(b"/usr")? || has(b"/bin")? || has(b"/sbin")?))
-    };
     // A filesystem that cannot even be looked into (a checksum mismatch, ...) says why.
     let verdicts: Vec<Result<bool>> = filesystems
         .iter()

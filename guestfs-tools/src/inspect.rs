@@ -163,7 +163,10 @@ pub fn inspect(g: &Guest) -> Result<Inspection> {
             partition: f.location.partition,
             start: f.location.start,
             size: f.location.size,
-            kind: f.kind.clone(),
+            kind: match f.kernel.as_ref().and_then(|k| k.subvol.as_deref()) {
+                Some(sv) => format!("{} subvol={sv}", f.kind),
+                None => f.kind.clone(),
+            },
             uuid: f.uuid().map(str::to_string),
             label: f.label().map(str::to_string),
             mountpoint: if i == g.root_fs {

@@ -28,7 +28,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicPtr, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 const LOOP_CTL_GET_FREE: libc::c_ulong = 0x4C82;
 const LOOP_CONFIGURE: libc::c_ulong = 0x4C0A;
@@ -464,8 +464,12 @@ pub struct DirFs {
     pub kind: String,
     pub uuid: Option<String>,
     pub label: Option<String>,
-    /// Dropped last: unmounts after every fd above is closed.
-    mount: Mounted,
+    /// The btrfs subvolume (a directory below the mount root) this view is rooted at.
+    pub subvol: Option<String>,
+    /// This view's root below the mount root (for messages).
+    base: Vec<u8>,
+    /// Dropped last: the last view unmounts after every fd above is closed.
+    mount: Arc<Mounted>,
 }
 
 impl std::fmt::Debug for DirFs {
@@ -521,7 +525,41 @@ impl DirFs {
             Mode::empty(),
         )
         .map_err(|e| Error::io(&mp, e.into()))?;
-        let st = rustix::fs::fstat(&root).map_err(|e| Error::io(&mp, e.into()))?;
+        Self::from_root(Arc::new(mount), root, Vec::new(), kind, uuid, label, None)
+    }
+
+    /// Another view of the same mount rooted at directory `rel` (a btrfs subvolume the
+    /// guest's fstab mounts with `subvol=`), with its own inode numbers.
+    pub fn view(&self, rel: &str) -> Result<DirFs> {
+        let rel = rel.trim_matches('/');
+        let root = self.open_beneath(rel.as_bytes(), OFlags::PATH | OFlags::DIRECTORY)?;
+        let mut base = self.base.clone();
+        if !base.is_empty() {
+            base.push(b'/');
+        }
+        base.extend_from_slice(rel.as_bytes());
+        Self::from_root(
+            self.mount.clone(),
+            root,
+            base,
+            &self.kind,
+            self.uuid.clone(),
+            self.label.clone(),
+            Some(rel.to_string()),
+        )
+    }
+
+    fn from_root(
+        mount: Arc<Mounted>,
+        root: OwnedFd,
+        base: Vec<u8>,
+        kind: &str,
+        uuid: Option<String>,
+        label: Option<String>,
+        subvol: Option<String>,
+    ) -> Result<DirFs> {
+        let st =
+            rustix::fs::fstat(&root).map_err(|e| Error::io(mount.mountpoint.path(), e.into()))?;
         let mut state = State::default();
         state.by_key.insert((st.st_dev, st.st_ino), ROOT_INO);
         state.nodes.push(DirNode {
@@ -534,6 +572,8 @@ impl DirFs {
             kind: kind.to_string(),
             uuid,
             label,
+            subvol,
+            base,
             mount,
         })
     }
@@ -554,6 +594,9 @@ impl DirFs {
 
     fn host_path(&self, rel: &[u8]) -> PathBuf {
         let mut p = self.mount.mountpoint.path().to_path_buf();
+        if !self.base.is_empty() {
+            p.push(std::ffi::OsStr::from_bytes(&self.base));
+        }
         if !rel.is_empty() {
             p.push(std::ffi::OsStr::from_bytes(rel));
         }

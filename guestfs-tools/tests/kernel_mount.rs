@@ -616,3 +616,70 @@ fn debian_fixture_on_xfs_matches_the_reference() {
         "{report}"
     );
 }
+
+/// The layout distributions install on btrfs: the root in subvolume `@`, /home in `@home`,
+/// both named by the fstab with `subvol=`.
+#[test]
+fn btrfs_root_and_home_subvolumes() {
+    if !prerequisites() {
+        return;
+    }
+    let w = Work::new();
+    let src = w.path().join("src");
+    fs::create_dir(&src).unwrap();
+    populate(
+        &src,
+        &format!(
+            "UUID={BTRFS_UUID} / btrfs subvol=@,compress=zstd 0 0\n\
+             UUID={BTRFS_UUID} /home btrfs subvol=/@home 0 0\n"
+        ),
+    );
+    write(&src.join("home/debian/.profile"), b"export A=1\n");
+    let img = w.path().join("subvol.raw");
+    let tar_flags = "--xattrs --xattrs-include=\"*\" --acls";
+    sh(&format!(
+        "truncate -s {BTRFS_MB}M {i} && mkfs.btrfs -q -U {BTRFS_UUID} {i}
+         unshare --mount --propagation private sh -ec '
+           mp=$(mktemp -d)
+           mount -t btrfs -o loop {i} $mp
+           btrfs -q subvolume create $mp/@
+           btrfs -q subvolume create $mp/@home
+           mkdir $mp/@snapshots
+           tar -C {s} --exclude=./home/* {tar_flags} -cf - . | tar -C $mp/@ {tar_flags} --numeric-owner -xpf -
+           tar -C {s}/home {tar_flags} -cf - . | tar -C $mp/@home {tar_flags} --numeric-owner -xpf -
+           umount $mp
+           rmdir $mp'",
+        i = img.display(),
+        s = src.display(),
+    ));
+    let out = w.img_ok(&["--kernel-mount", "cat", s(&img), "/home/debian/.profile"]);
+    assert_eq!(out.stdout, b"export A=1\n");
+    let out = w.img_ok(&["--kernel-mount", "--json", "inspect", s(&img)]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let kinds: Vec<(String, String)> = v["filesystems"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| {
+            (
+                f["kind"].as_str().unwrap_or("").to_string(),
+                f["mountpoint"].as_str().unwrap_or("-").to_string(),
+            )
+        })
+        .collect();
+    assert!(
+        kinds.contains(&("btrfs subvol=@".into(), "/".into())),
+        "{kinds:?}"
+    );
+    assert!(
+        kinds.contains(&("btrfs subvol=@home".into(), "/home".into())),
+        "{kinds:?}"
+    );
+    let tar = w.path().join("subvol.tar");
+    w.img_ok(&["--kernel-mount", "tar-out", s(&img), s(&tar)]);
+    let want = w.path().join("want.jsonl");
+    let got = w.path().join("got.jsonl");
+    manifest(&src, &want, &[]);
+    manifest(&tar, &got, &[]);
+    compare(&want, &got, &["--ignore", "mtime-dirs"]);
+}
