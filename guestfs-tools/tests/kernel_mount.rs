@@ -683,3 +683,39 @@ fn btrfs_root_and_home_subvolumes() {
     manifest(&tar, &got, &[]);
     compare(&want, &got, &["--ignore", "mtime-dirs"]);
 }
+
+/// With the flag, an ext4-only disk is still read in user space: no warning, no loop device,
+/// and no root needed.
+#[test]
+fn ext4_stays_in_user_space() {
+    if !prerequisites() || !have("setpriv") {
+        return;
+    }
+    let w = Work::new();
+    let src = w.path().join("src");
+    fs::create_dir(&src).unwrap();
+    write(&src.join("etc/os-release"), b"ID=ext4only\n");
+    fs::create_dir_all(src.join("usr/bin")).unwrap();
+    let img = w.path().join("ext4.raw");
+    sh(&format!(
+        "mkfs.ext4 -q -F -d {} {} 16M",
+        src.display(),
+        img.display()
+    ));
+    let out = w.img_ok(&["--kernel-mount", "cat", s(&img), "/etc/os-release"]);
+    assert_eq!(out.stdout, b"ID=ext4only\n");
+    assert!(!stderr(&out).contains("WARN"), "{}", stderr(&out));
+    for p in [w.path(), &w.tmp()] {
+        fs::set_permissions(p, fs::Permissions::from_mode(0o777)).unwrap();
+    }
+    fs::set_permissions(&img, fs::Permissions::from_mode(0o644)).unwrap();
+    let out = run_ok(
+        Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(bin())
+            .args(["--kernel-mount", "cat", s(&img), "/etc/os-release"])
+            .env("TMPDIR", w.tmp()),
+    );
+    assert_eq!(out.stdout, b"ID=ext4only\n");
+    w.assert_nothing_left("ext4 with --kernel-mount");
+}
