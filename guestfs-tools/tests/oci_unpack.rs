@@ -159,3 +159,67 @@ fn whiteouts_delete_when_flattening_and_become_devices_for_overlayfs() {
         .expect("getfattr");
     assert_eq!(x.stdout, b"y");
 }
+
+/// A POSIX ACL xattr value: version 2, then (tag, perm, id) entries, little-endian.
+fn acl(entries: &[(u16, u16, u32)]) -> Vec<u8> {
+    let mut v = 2u32.to_le_bytes().to_vec();
+    for (tag, perm, id) in entries {
+        v.extend_from_slice(&tag.to_le_bytes());
+        v.extend_from_slice(&perm.to_le_bytes());
+        v.extend_from_slice(&id.to_le_bytes());
+    }
+    v
+}
+
+fn has_xattr(p: &Path, name: &str) -> bool {
+    let mut buf = [0u8; 256];
+    rustix::fs::lgetxattr(p, name, &mut buf[..]).is_ok()
+}
+
+/// A directory's default ACL is inherited by what is created in it; the layer's entries that
+/// have no ACL of their own must not end up with one (the guest would see access rights its
+/// disk never had).
+#[test]
+fn a_default_acl_is_not_inherited_by_entries_that_have_none() {
+    let dest = tempfile::tempdir().expect("tempdir");
+    let any = u32::MAX;
+    let default_acl = acl(&[
+        (0x01, 7, any),
+        (0x02, 7, 1000),
+        (0x04, 5, any),
+        (0x10, 7, any),
+        (0x20, 5, any),
+    ]);
+    let mut d = entry("data", Kind::Dir, 0o755);
+    d.xattrs = vec![("system.posix_acl_default".into(), default_acl.clone())];
+    let mut own = entry("data/own", Kind::File, 0o640);
+    own.xattrs = vec![("system.posix_acl_access".into(), default_acl.clone())];
+    let t = tar(&[
+        (d, b""),
+        (entry("data/f", Kind::File, 0o640), b"x"),
+        (entry("data/sub", Kind::Dir, 0o750), b""),
+        (entry("data/sub/g", Kind::File, 0o600), b"y"),
+        (entry("data/p", Kind::Fifo, 0o600), b""),
+        (own, b"z"),
+    ]);
+    unpack_layer(&t[..], dest.path(), UnpackMode::Flatten).expect("unpack");
+    let data = dest.path().join("data");
+    if !has_xattr(&data, "system.posix_acl_default") {
+        eprintln!("SKIP: the temp dir's filesystem keeps no POSIX ACLs");
+        return;
+    }
+    for (p, mode) in [("f", 0o640), ("sub", 0o750), ("sub/g", 0o600), ("p", 0o600)] {
+        let path = data.join(p);
+        assert!(
+            !has_xattr(&path, "system.posix_acl_access"),
+            "{p} inherited an access ACL"
+        );
+        assert!(
+            !has_xattr(&path, "system.posix_acl_default"),
+            "{p} inherited a default ACL"
+        );
+        let m = std::fs::symlink_metadata(&path).expect("stat");
+        assert_eq!(m.mode() & 0o7777, mode, "{p}");
+    }
+    assert!(has_xattr(&data.join("own"), "system.posix_acl_access"));
+}

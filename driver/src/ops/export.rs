@@ -521,7 +521,21 @@ impl Tree {
             std::fs::set_permissions(dst, std::fs::Permissions::from_mode(md.mode() & 0o7777))
                 .map_err(io(dst))?;
         }
-        for n in xattr_names(src)? {
+        let names = xattr_names(src)?;
+        // What is created in a directory with a default ACL inherits it; the source says
+        // which ACLs the entry really has.
+        for key in ["system.posix_acl_access", "system.posix_acl_default"] {
+            if names.iter().any(|n| n == key) {
+                continue;
+            }
+            match rustix::fs::lremovexattr(dst, key) {
+                Ok(()) | Err(rustix::io::Errno::NODATA) | Err(rustix::io::Errno::OPNOTSUPP) => {}
+                // Symlinks have no ACLs; some filesystems say so with EPERM.
+                Err(_) if md.file_type().is_symlink() => {}
+                Err(e) => return Err(Error::io(dst, e.into())),
+            }
+        }
+        for n in names {
             if n.starts_with("trusted.overlay.") {
                 continue;
             }

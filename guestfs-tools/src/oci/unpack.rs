@@ -16,6 +16,8 @@ use std::path::Path;
 
 const WHITEOUT_PREFIX: &[u8] = b".wh.";
 const OPAQUE: &[u8] = b".wh..wh..opq";
+const ACL_ACCESS: &str = "system.posix_acl_access";
+const ACL_DEFAULT: &str = "system.posix_acl_default";
 
 /// How whiteouts are applied.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -165,8 +167,28 @@ fn set_times_at(dir: &OwnedFd, name: &[u8], mtime: i64) -> rustix::io::Result<()
     )
 }
 
-/// Owner, then mode (chown clears setuid), then xattrs (chown clears security.capability).
-fn apply_meta_fd(fd: &OwnedFd, m: &Meta, name: &[u8]) -> Result<()> {
+/// The ACLs an entry got from its parent's default ACL but does not have in the layer.
+/// Everything created in a directory with a default ACL inherits it: as its access ACL, and a
+/// directory as its default ACL too. The layer's entry alone says which ACLs it has.
+fn inherited_acls(m: &Meta, is_dir: bool) -> impl Iterator<Item = &'static str> + '_ {
+    [ACL_ACCESS, ACL_DEFAULT]
+        .into_iter()
+        .filter(move |k| (is_dir || *k == ACL_ACCESS) && !m.xattrs.iter().any(|(x, _)| x == k))
+}
+
+fn removed_or_absent(r: rustix::io::Result<()>, name: &[u8], key: &str) -> Result<()> {
+    match r {
+        Ok(()) | Err(rustix::io::Errno::NODATA) | Err(rustix::io::Errno::OPNOTSUPP) => Ok(()),
+        Err(e) => Err(err(name, format!("removing inherited {key}: {e}"))),
+    }
+}
+
+/// Inherited ACLs off, owner, then mode (chown clears setuid), then xattrs (chown clears
+/// security.capability).
+fn apply_meta_fd(fd: &OwnedFd, m: &Meta, name: &[u8], is_dir: bool) -> Result<()> {
+    for key in inherited_acls(m, is_dir) {
+        removed_or_absent(rfs::fremovexattr(fd, key), name, key)?;
+    }
     rfs::fchown(
         fd,
         Some(rustix::process::Uid::from_raw(m.uid)),
@@ -250,7 +272,7 @@ pub fn unpack_layer_buffered(
         let Some((last, parents)) = comps.split_last() else {
             // The root directory itself.
             if kind.is_dir() {
-                apply_meta_fd(&root, &meta, &name)?;
+                apply_meta_fd(&root, &meta, &name, true)?;
                 dir_times.push((Vec::new(), meta.mtime));
             }
             continue;
@@ -308,7 +330,7 @@ pub fn unpack_layer_buffered(
                     .map_err(|e| errno(&name, e))?;
             }
             let fd = open_dir_at(&parent, last).map_err(|e| errno(&name, e))?;
-            apply_meta_fd(&fd, &meta, &name)?;
+            apply_meta_fd(&fd, &meta, &name, true)?;
             dir_times.push((rel, meta.mtime));
         } else if kind.is_file() || kind == tar::EntryType::Continuous {
             let fd = rfs::openat(
@@ -329,7 +351,7 @@ pub fn unpack_layer_buffered(
                 stats.bytes += n as u64;
             }
             let fd = OwnedFd::from(file);
-            apply_meta_fd(&fd, &meta, &name)?;
+            apply_meta_fd(&fd, &meta, &name, false)?;
             set_times_at(&parent, last, meta.mtime).map_err(|e| errno(&name, e))?;
         } else if kind.is_symlink() {
             let target = entry
@@ -381,15 +403,15 @@ pub fn unpack_layer_buffered(
             };
             rfs::mknodat(&parent, cname, ft, Mode::from_raw_mode(0o600), dev)
                 .map_err(|e| errno(&name, e))?;
-            let fd = rfs::openat(
-                &parent,
-                cname,
-                OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-                Mode::empty(),
-            )
-            .map_err(|e| errno(&name, e))?;
-            // O_PATH fds cannot fchown/fchmod: go through the parent instead.
-            drop(fd);
+            // Opening a device or fifo could block or reach a driver, and O_PATH fds cannot
+            // take xattrs: the inherited ACL goes through the parent's fd path, which names
+            // this very directory (no re-resolution of the image's path on the host).
+            for key in inherited_acls(&meta, false) {
+                let at = format!("/proc/self/fd/{}/", rustix::fd::AsRawFd::as_raw_fd(&parent));
+                let mut p = at.into_bytes();
+                p.extend_from_slice(last);
+                removed_or_absent(rfs::lremovexattr(OsStr::from_bytes(&p), key), &name, key)?;
+            }
             rfs::chownat(
                 &parent,
                 cname,
