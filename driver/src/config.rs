@@ -22,6 +22,8 @@ pub struct Config {
     pub boot_timeout: u64,
     /// Bytes of console output kept in console.log.
     pub console_log_max: u64,
+    /// SSH host key sets kept ready for first boots (hostkeys.rs); 0 = guests make their own.
+    pub ssh_host_key_pool: usize,
     pub procfs: ProcfsConfig,
     pub network: NetworkConfig,
     pub glance: GlanceConfig,
@@ -40,6 +42,7 @@ impl Default for Config {
             stop_timeout: 30,
             boot_timeout: 120,
             console_log_max: 1 << 20,
+            ssh_host_key_pool: 4,
             procfs: ProcfsConfig::default(),
             network: NetworkConfig::default(),
             glance: GlanceConfig::default(),

@@ -15,6 +15,7 @@ pub mod enter;
 pub mod error;
 pub mod glance;
 pub mod host;
+pub mod hostkeys;
 pub mod images;
 pub mod model;
 pub mod monitor;

@@ -71,6 +71,7 @@ pub struct Manager {
     ranges: crate::userns::Ranges,
     pub(crate) net: crate::vifs::NetState,
     pub(crate) serial: crate::console::SerialPorts,
+    pub keys: Arc<crate::hostkeys::KeyPool>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -84,7 +85,12 @@ impl Manager {
         }
         let sec = &cfg.security;
         let ranges = crate::userns::Ranges::new(&cfg.state_dir, sec.id_base, sec.id_size);
+        let keys = Arc::new(crate::hostkeys::KeyPool::new(
+            &cfg.state_dir,
+            cfg.ssh_host_key_pool,
+        ));
         Ok(Arc::new(Manager {
+            keys,
             ranges,
             cfg,
             instances: Mutex::new(HashMap::new()),
@@ -356,6 +362,11 @@ impl Manager {
             _ => disk::mount_rootfs(&paths, &lowers, None)?,
         }
         write_identity(&paths.rootfs, &inst)?;
+        let key_owner = inst.idmap.filter(|_| inst.userns).map(|r| r.base);
+        let t_keys = Instant::now();
+        if crate::hostkeys::install(&self.keys, &paths.rootfs, key_owner)? {
+            tracing::debug!(instance = %uuid, ms = t_keys.elapsed().as_millis() as u64, "ssh host keys from the pool");
+        }
         // A rescue boot runs the rescue image with this rootfs bound at /mnt/rescue.
         let (rootfs, binds) = self.rescue_rootfs(&inst, &paths)?;
         // The NICs' guest config goes where init runs (the rescue system too).

@@ -50,6 +50,7 @@ async fn daemon(cfg: Config) -> anyhow::Result<()> {
     let socket = cfg.socket.clone();
     driver::host::tune();
     let m = Manager::new(cfg)?;
+    m.keys.start().context("ssh host key pool")?;
     let m2 = m.clone();
     tokio::task::spawn_blocking(move || m2.restore())
         .await
