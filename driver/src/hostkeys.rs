@@ -112,10 +112,12 @@ impl KeyPool {
             .tempdir_in(&self.dir)
             .map_err(io(&self.dir))?;
         for t in KEY_TYPES {
-            let f = tmp.path().join(format!("ssh_host_{t}_key"));
+            // A relative name: the command line then does not name the state dir, where
+            // tools that count fatboxd's processes by it (its tests) would take it for one.
             let out = Command::new("ssh-keygen")
                 .args(["-q", "-N", "", "-C", "root@fatbox", "-t", t, "-f"])
-                .arg(&f)
+                .arg(format!("ssh_host_{t}_key"))
+                .current_dir(tmp.path())
                 .stdin(Stdio::null())
                 .output()
                 .map_err(io("ssh-keygen"))?;
