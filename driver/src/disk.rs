@@ -8,35 +8,6 @@ use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-const LOOP_CTL_GET_FREE: libc::c_ulong = 0x4C82;
-const LOOP_CONFIGURE: libc::c_ulong = 0x4C0A;
-const LO_FLAGS_AUTOCLEAR: u32 = 4;
-
-#[repr(C)]
-struct LoopInfo64 {
-    lo_device: u64,
-    lo_inode: u64,
-    lo_rdevice: u64,
-    lo_offset: u64,
-    lo_sizelimit: u64,
-    lo_number: u32,
-    lo_encrypt_type: u32,
-    lo_encrypt_key_size: u32,
-    lo_flags: u32,
-    lo_file_name: [u8; 64],
-    lo_crypt_name: [u8; 64],
-    lo_encrypt_key: [u8; 32],
-    lo_init: [u64; 2],
-}
-
-#[repr(C)]
-struct LoopConfig {
-    fd: u32,
-    block_size: u32,
-    info: LoopInfo64,
-    reserved: [u64; 8],
-}
-
 pub struct Paths {
     pub image: PathBuf,
     pub disk_mnt: PathBuf,
@@ -86,66 +57,16 @@ fn attach_loop(image: &Path) -> Result<(std::fs::File, PathBuf)> {
         .write(true)
         .open(image)
         .map_err(io(image))?;
-    let ctl = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/loop-control")
-        .map_err(io("/dev/loop-control"))?;
     // Parallel boots would all get the same free device from GET_FREE: one at a time here;
-    // other processes (losetup, mount -o loop) can still race us, hence the retries.
+    // other processes (losetup, mount -o loop) can still race us, hence the retries inside.
     static ATTACH: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let _g = ATTACH.lock().unwrap_or_else(|p| p.into_inner());
-    let mut last = String::new();
-    for _ in 0..64 {
-        // SAFETY: LOOP_CTL_GET_FREE takes no argument and returns a device number.
-        let n = unsafe { libc::ioctl(ctl.as_raw_fd(), LOOP_CTL_GET_FREE) };
-        if n < 0 {
-            return Err(Error::io(
-                "/dev/loop-control",
-                std::io::Error::last_os_error(),
-            ));
-        }
-        let dev = PathBuf::from(format!("/dev/loop{n}"));
-        let lf = match OpenOptions::new().read(true).write(true).open(&dev) {
-            Ok(f) => f,
-            Err(e) => {
-                last = e.to_string();
-                continue;
-            }
-        };
-        let fd =
-            u32::try_from(backing.as_raw_fd()).map_err(|_| Error::Other("negative fd".into()))?;
-        let cfg = LoopConfig {
-            fd,
-            block_size: 0,
-            info: LoopInfo64 {
-                lo_device: 0,
-                lo_inode: 0,
-                lo_rdevice: 0,
-                lo_offset: 0,
-                lo_sizelimit: 0,
-                lo_number: 0,
-                lo_encrypt_type: 0,
-                lo_encrypt_key_size: 0,
-                lo_flags: LO_FLAGS_AUTOCLEAR,
-                lo_file_name: [0; 64],
-                lo_crypt_name: [0; 64],
-                lo_encrypt_key: [0; 32],
-                lo_init: [0; 2],
-            },
-            reserved: [0; 8],
-        };
-        // SAFETY: cfg is a properly laid out struct loop_config that outlives the call.
-        let r = unsafe { libc::ioctl(lf.as_raw_fd(), LOOP_CONFIGURE, &cfg as *const LoopConfig) };
-        if r == 0 {
-            return Ok((lf, dev));
-        }
-        last = std::io::Error::last_os_error().to_string();
-    }
-    Err(Error::Other(format!(
-        "no loop device for {}: {last}",
-        image.display()
-    )))
+    let opts = guestfs_tools::loopdev::LoopOptions {
+        name: "fatbox instance disk",
+        ..Default::default()
+    };
+    guestfs_tools::loopdev::attach(&backing, &opts)
+        .map_err(|e| Error::Other(format!("no loop device for {}: {e}", image.display())))
 }
 
 pub fn is_mountpoint(path: &Path) -> bool {

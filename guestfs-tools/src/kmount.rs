@@ -30,44 +30,13 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicPtr, Ordering};
 use std::sync::{Arc, Mutex};
 
-const LOOP_CTL_GET_FREE: libc::c_ulong = 0x4C82;
-const LOOP_CONFIGURE: libc::c_ulong = 0x4C0A;
 const LOOP_CLR_FD: libc::c_ulong = 0x4C01;
-const LO_FLAGS_READ_ONLY: u32 = 1;
-const LO_FLAGS_AUTOCLEAR: u32 = 4;
-/// Another process may take the free loop device between GET_FREE and CONFIGURE.
-const LOOP_ATTEMPTS: usize = 32;
 /// Bytes per read when copying a partition out of a qcow2 image.
 const COPY_CHUNK: usize = 1 << 20;
 /// Names and values longer than this are refused (the VFS limit is 64 KiB per value).
 const XATTR_MAX: usize = 1 << 16;
 
 pub const NEEDS_ROOT: &str = "--kernel-mount needs root (loop devices and mount)";
-
-#[repr(C)]
-struct LoopInfo64 {
-    lo_device: u64,
-    lo_inode: u64,
-    lo_rdevice: u64,
-    lo_offset: u64,
-    lo_sizelimit: u64,
-    lo_number: u32,
-    lo_encrypt_type: u32,
-    lo_encrypt_key_size: u32,
-    lo_flags: u32,
-    lo_file_name: [u8; 64],
-    lo_crypt_name: [u8; 64],
-    lo_encrypt_key: [u8; 32],
-    lo_init: [u64; 2],
-}
-
-#[repr(C)]
-struct LoopConfig {
-    fd: u32,
-    block_size: u32,
-    info: LoopInfo64,
-    reserved: [u64; 8],
-}
 
 /// The kernel driver and the mount options that keep it from writing: no log replay.
 fn driver_for(kind: &str) -> Option<(&'static str, &'static str)> {
@@ -200,58 +169,15 @@ struct LoopDevice {
 
 impl LoopDevice {
     fn attach(backing: &File, offset: u64, size: u64) -> Result<LoopDevice> {
-        let ctl = File::open("/dev/loop-control").map_err(|e| Error::io("/dev/loop-control", e))?;
-        for _ in 0..LOOP_ATTEMPTS {
-            // SAFETY: ioctl without argument on a file we hold.
-            let n = unsafe { libc::ioctl(ctl.as_raw_fd(), LOOP_CTL_GET_FREE) };
-            if n < 0 {
-                return Err(last_os("/dev/loop-control: LOOP_CTL_GET_FREE"));
-            }
-            let path = PathBuf::from(format!("/dev/loop{n}"));
-            let dev = match File::open(&path) {
-                Ok(f) => f,
-                // udev may not have created the node yet; the next free one will do.
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                Err(e) => return Err(Error::io(&path, e)),
-            };
-            let fd = u32::try_from(backing.as_raw_fd())
-                .map_err(|_| Error::Other("negative file descriptor".into()))?;
-            let mut name = [0u8; 64];
-            let tag = b"fatbox-img --kernel-mount";
-            name[..tag.len()].copy_from_slice(tag);
-            let cfg = LoopConfig {
-                fd,
-                block_size: 0,
-                info: LoopInfo64 {
-                    lo_device: 0,
-                    lo_inode: 0,
-                    lo_rdevice: 0,
-                    lo_offset: offset,
-                    lo_sizelimit: size,
-                    lo_number: 0,
-                    lo_encrypt_type: 0,
-                    lo_encrypt_key_size: 0,
-                    lo_flags: LO_FLAGS_READ_ONLY | LO_FLAGS_AUTOCLEAR,
-                    lo_file_name: name,
-                    lo_crypt_name: [0; 64],
-                    lo_encrypt_key: [0; 32],
-                    lo_init: [0; 2],
-                },
-                reserved: [0; 8],
-            };
-            // SAFETY: LOOP_CONFIGURE reads a struct loop_config, which `cfg` lays out.
-            let rc = unsafe { libc::ioctl(dev.as_raw_fd(), LOOP_CONFIGURE, &cfg) };
-            if rc == 0 {
-                return Ok(LoopDevice { dev, path });
-            }
-            let err = std::io::Error::last_os_error();
-            if err.raw_os_error() != Some(libc::EBUSY) {
-                return Err(Error::io(&path, err));
-            }
-        }
-        Err(Error::Other(format!(
-            "no free loop device after {LOOP_ATTEMPTS} attempts"
-        )))
+        let opts = crate::loopdev::LoopOptions {
+            offset,
+            size,
+            read_only: true,
+            name: "fatbox-img --kernel-mount",
+        };
+        let (dev, path) = crate::loopdev::attach(backing, &opts)
+            .map_err(|e| Error::Other(format!("attaching a loop device: {e}")))?;
+        Ok(LoopDevice { dev, path })
     }
 }
 

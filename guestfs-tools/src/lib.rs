@@ -15,6 +15,7 @@ pub mod ext4;
 pub mod guest;
 pub mod inspect;
 pub mod kmount;
+pub mod loopdev;
 pub mod oci;
 pub mod part;
 pub mod tarout;
