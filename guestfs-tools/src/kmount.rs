@@ -634,28 +634,7 @@ impl DirFs {
     }
 
     pub fn lookup(&self, path: &[u8]) -> Result<Option<u32>> {
-        let mut stack = vec![ROOT_INO];
-        for comp in path.split(|c| *c == b'/') {
-            match comp {
-                b"" | b"." => continue,
-                b".." => {
-                    if stack.len() > 1 {
-                        stack.pop();
-                    }
-                    continue;
-                }
-                _ => {}
-            }
-            let cur = stack.last().copied().unwrap_or(ROOT_INO);
-            if self.inode(cur)?.file_type() != FileType::Directory {
-                return Ok(None);
-            }
-            match self.read_dir(cur)?.into_iter().find(|e| e.name == comp) {
-                Some(e) => stack.push(e.ino),
-                None => return Ok(None),
-            }
-        }
-        Ok(stack.last().copied())
+        crate::ext4::lookup_in(path, |ino| self.inode(ino), |ino| self.read_dir(ino))
     }
 
     pub fn read_link(&self, inode: &Inode) -> Result<Vec<u8>> {

@@ -378,34 +378,7 @@ impl Ext4 {
 
     /// Resolves an absolute path without following symlinks. `..` is handled lexically.
     pub fn lookup(&self, path: &[u8]) -> Result<Option<u32>> {
-        let mut stack: Vec<u32> = vec![ROOT_INO];
-        for (n, comp) in path.split(|c| *c == b'/').enumerate() {
-            if n > MAX_PATH_COMPONENTS {
-                return Err(Error::Limit(format!(
-                    "path has more than {MAX_PATH_COMPONENTS} components"
-                )));
-            }
-            match comp {
-                b"" | b"." => continue,
-                b".." => {
-                    if stack.len() > 1 {
-                        stack.pop();
-                    }
-                    continue;
-                }
-                _ => {}
-            }
-            let cur = stack.last().copied().unwrap_or(ROOT_INO);
-            let inode = self.inode(cur)?;
-            if inode.file_type() != FileType::Directory {
-                return Ok(None);
-            }
-            match self.read_dir(cur)?.into_iter().find(|e| e.name == comp) {
-                Some(e) => stack.push(e.ino),
-                None => return Ok(None),
-            }
-        }
-        Ok(stack.last().copied())
+        lookup_in(path, |ino| self.inode(ino), |ino| self.read_dir(ino))
     }
 
     /// A sequential reader over a file's contents, reading large runs at once.
@@ -466,4 +439,41 @@ impl std::io::Read for FileReader<'_> {
         self.start += n;
         Ok(n)
     }
+}
+
+/// The path walk of every reader of a guest tree (this one and the kernel-mount backend):
+/// components one by one from the root, `..` lexically (never above the root), no symlink
+/// followed, and at most `MAX_PATH_COMPONENTS` components from an untrusted path.
+pub(crate) fn lookup_in(
+    path: &[u8],
+    inode: impl Fn(u32) -> Result<Inode>,
+    read_dir: impl Fn(u32) -> Result<Vec<DirEntry>>,
+) -> Result<Option<u32>> {
+    let mut stack: Vec<u32> = vec![ROOT_INO];
+    for (n, comp) in path.split(|c| *c == b'/').enumerate() {
+        if n > MAX_PATH_COMPONENTS {
+            return Err(Error::Limit(format!(
+                "path has more than {MAX_PATH_COMPONENTS} components"
+            )));
+        }
+        match comp {
+            b"" | b"." => continue,
+            b".." => {
+                if stack.len() > 1 {
+                    stack.pop();
+                }
+                continue;
+            }
+            _ => {}
+        }
+        let cur = stack.last().copied().unwrap_or(ROOT_INO);
+        if inode(cur)?.file_type() != FileType::Directory {
+            return Ok(None);
+        }
+        match read_dir(cur)?.into_iter().find(|e| e.name == comp) {
+            Some(e) => stack.push(e.ino),
+            None => return Ok(None),
+        }
+    }
+    Ok(stack.last().copied())
 }
